@@ -1,0 +1,44 @@
+# Every target creates or updates .venv from uv.lock first, so a fresh clone needs only Python >= 3.11 and make.
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+RUN := $(VENV)/bin
+
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+.PHONY: install serve test lint format migrate clean
+
+install: $(VENV)/.synced
+
+# uv itself is pinned and kept in its own small venv, so the project venv holds exactly the lock file.
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --python $(PYTHON)
+	touch $@
+
+serve: install
+	$(RUN)/ledger-service serve
+
+migrate: install
+	$(RUN)/ledger-service migrate
+
+test: install
+	$(RUN)/pytest
+
+lint: install
+	$(RUN)/ruff check .
+	$(RUN)/ruff format --check .
+	$(RUN)/mypy
+
+format: install
+	$(RUN)/ruff check --fix .
+	$(RUN)/ruff format .
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The HTTP layer: the app factory, authentication, problem responses and thin controllers."""

@@ -1,0 +1,107 @@
+"""The application factory: wires settings, the engine, services, routes and error handling together."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar, Router
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+
+from ledger_service.api.auth import require_role
+from ledger_service.api.controllers.accounts import AccountController
+from ledger_service.api.controllers.api_keys import ApiKeyController
+from ledger_service.api.controllers.entries import EntryController
+from ledger_service.api.controllers.funding import FundingController
+from ledger_service.api.controllers.health import HealthController
+from ledger_service.api.controllers.pricing import PricingController
+from ledger_service.api.controllers.requests import ConsumptionController, HoldController
+from ledger_service.api.problems import handle_exception
+from ledger_service.db.engine import create_engine
+from ledger_service.services.api_keys import ApiKeyService
+from ledger_service.services.housekeeping import Housekeeping
+from ledger_service.services.ledger import LedgerService
+from ledger_service.services.pricing import PricingService
+from ledger_service.settings import Settings, SettingsError
+
+
+def provide_ledger(state: State) -> LedgerService:
+    ledger: LedgerService = state.ledger
+    return ledger
+
+
+def provide_pricing(state: State) -> PricingService:
+    pricing: PricingService = state.pricing
+    return pricing
+
+
+def provide_api_keys(state: State) -> ApiKeyService:
+    keys: ApiKeyService = state.api_keys
+    return keys
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """Build the Litestar app. The database must already exist and be migrated (`ledger-service serve` does both)."""
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        if settings.database_url is None:
+            raise SettingsError(
+                "LEDGER_DATABASE_URL is not set (`ledger-service serve` sets it for the embedded server)"
+            )
+        engine = create_engine(settings.database_url, pool_size=settings.pool_size)
+        ledger = LedgerService(engine, settings)
+        app.state.engine = engine
+        app.state.ledger = ledger
+        app.state.pricing = PricingService(engine)
+        app.state.api_keys = ApiKeyService(engine)
+        if settings.admin_key:
+            await app.state.api_keys.ensure(settings.admin_key)
+        housekeeping = Housekeeping(
+            engine,
+            ledger,
+            snapshot_seconds=settings.snapshot_interval_seconds,
+            sweep_seconds=settings.sweep_interval_seconds,
+        )
+        if settings.background_tasks:
+            housekeeping.start()
+        try:
+            yield
+        finally:
+            await housekeeping.stop()
+            await engine.dispose()
+
+    v1 = Router(
+        path="/v1",
+        guards=[require_role],
+        route_handlers=[
+            HoldController,
+            ConsumptionController,
+            FundingController,
+            AccountController,
+            EntryController,
+            PricingController,
+            ApiKeyController,
+        ],
+    )
+    return Litestar(
+        route_handlers=[HealthController, v1],
+        lifespan=[lifespan],
+        dependencies={
+            "ledger": Provide(provide_ledger, sync_to_thread=False),
+            "prices": Provide(provide_pricing, sync_to_thread=False),
+            "keys": Provide(provide_api_keys, sync_to_thread=False),
+        },
+        exception_handlers={Exception: handle_exception},
+        openapi_config=OpenAPIConfig(
+            title="Ledger service",
+            version="1.0.0",
+            description="A double-entry ledger for LLM API relays. See docs/api.md.",
+            path="/schema",
+            render_plugins=[SwaggerRenderPlugin()],
+        ),
+    )

@@ -1,0 +1,55 @@
+"""Bearer API keys and the role each route requires (contract section 7).
+
+Routes declare the roles they admit in `opt={"roles": ...}`; admin is admitted everywhere. The guard runs before
+the body is read, so an unauthenticated caller learns nothing about its input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from ledger_service.domain import errors
+from ledger_service.services.api_keys import ApiKeyService, Principal
+
+ADMIN = "admin"
+RELAY = "relay"
+AUDITOR = "auditor"
+
+ADMIN_ONLY = frozenset({ADMIN})
+RELAY_WRITE = frozenset({ADMIN, RELAY})
+READ_ALL = frozenset({ADMIN, RELAY, AUDITOR})
+AUDIT_READ = frozenset({ADMIN, AUDITOR})
+
+
+def bearer_secret(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    header = connection.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        return None
+    return secret.strip()
+
+
+async def require_role(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    secret = bearer_secret(connection)
+    if secret is None:
+        raise errors.Unauthorized("send Authorization: Bearer <API key>")
+    keys: ApiKeyService = connection.app.state.api_keys
+    principal = await keys.authenticate(secret)
+    if principal is None:
+        raise errors.Unauthorized("the API key is unknown or revoked")
+    allowed: frozenset[str] = handler.opt.get("roles", ADMIN_ONLY)
+    if principal.role not in allowed:
+        raise errors.Forbidden(
+            f"the {principal.role} role may not call {connection.scope.get('method', '')} {connection.url.path}"
+        )
+    connection.state.principal = principal
+
+
+def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    found: Principal = connection.state.principal
+    return found

@@ -1,0 +1,33 @@
+"""Balances and usage of users, tokens and channels."""
+
+from __future__ import annotations
+
+from litestar import Controller, get
+from litestar.di import NamedDependency
+from litestar.params import FromPath
+
+from ledger_service.api import auth
+from ledger_service.api.params import parse_id
+from ledger_service.schemas import ChannelView, TokenView, UserView
+from ledger_service.services.ledger import LedgerService
+
+
+class AccountController(Controller):
+    path = "/"
+    tags = ["balances"]
+
+    @get(
+        "/users/{user_id:str}",
+        opt={"roles": auth.READ_ALL},
+        summary="A user's available, held and used quota",
+    )
+    async def user(self, user_id: FromPath[str], ledger: NamedDependency[LedgerService]) -> UserView:
+        return await ledger.user(parse_id(user_id, "user_id"))
+
+    @get("/tokens/{token_id:str}", opt={"roles": auth.READ_ALL}, summary="A token's allowance and usage")
+    async def token(self, token_id: FromPath[str], ledger: NamedDependency[LedgerService]) -> TokenView:
+        return await ledger.token(parse_id(token_id, "token_id"))
+
+    @get("/channels/{channel_id:str}", opt={"roles": auth.READ_ALL}, summary="Quota consumed through a channel")
+    async def channel(self, channel_id: FromPath[str], ledger: NamedDependency[LedgerService]) -> ChannelView:
+        return await ledger.channel(parse_id(channel_id, "channel_id"))

@@ -1,0 +1,47 @@
+"""Funding users and registering tokens."""
+
+from __future__ import annotations
+
+from litestar import Controller, post, put
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
+from litestar.response import Response
+
+from ledger_service.api import auth
+from ledger_service.api.controllers.responses import respond
+from ledger_service.api.params import parse_id
+from ledger_service.schemas import AdjustmentCommand, FundingView, TokenCommand, TokenView, TopupCommand
+from ledger_service.services.ledger import LedgerService
+
+
+class FundingController(Controller):
+    path = "/"
+    tags = ["funding"]
+
+    @post("/topups", status_code=201, opt={"roles": auth.ADMIN_ONLY}, summary="Credit a user's quota")
+    async def topup(
+        self, data: JSONBody[TopupCommand], ledger: NamedDependency[LedgerService]
+    ) -> Response[FundingView]:
+        return respond(await ledger.topup(data))
+
+    @post(
+        "/adjustments",
+        status_code=201,
+        opt={"roles": auth.ADMIN_ONLY},
+        summary="Correct a user's quota (signed)",
+    )
+    async def adjust(
+        self, data: JSONBody[AdjustmentCommand], ledger: NamedDependency[LedgerService]
+    ) -> Response[FundingView]:
+        return respond(await ledger.adjust(data))
+
+    @put(
+        "/tokens/{token_id:str}",
+        status_code=200,
+        opt={"roles": auth.RELAY_WRITE},
+        summary="Register a token or set its allowance",
+    )
+    async def set_token(
+        self, token_id: FromPath[str], data: JSONBody[TokenCommand], ledger: NamedDependency[LedgerService]
+    ) -> Response[TokenView]:
+        return respond(await ledger.set_token(parse_id(token_id, "token_id"), data))

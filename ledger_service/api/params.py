@@ -1,0 +1,32 @@
+"""Path parameters arrive as strings and are checked here, so a malformed one is a 400, never a 404 or 500."""
+
+from __future__ import annotations
+
+import re
+
+from ledger_service.domain import errors
+from ledger_service.schemas import MAX_ID
+
+_KEY = re.compile(r"\A[A-Za-z0-9._:-]{1,128}\Z")
+_NAME = re.compile(r"\A[^\x00-\x1f\x7f]{1,200}\Z")
+_DIGITS = re.compile(r"\A[0-9]{1,19}\Z")
+
+
+def parse_id(raw: str, name: str) -> int:
+    if _DIGITS.match(raw):
+        value = int(raw)
+        if 1 <= value <= MAX_ID:
+            return value
+    raise errors.ValidationFailed(f"{name} must be an integer between 1 and {MAX_ID}")
+
+
+def parse_key(raw: str, name: str = "request_id") -> str:
+    if not _KEY.match(raw):
+        raise errors.ValidationFailed(f"{name} must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+    return raw
+
+
+def parse_name(raw: str, name: str) -> str:
+    if not _NAME.match(raw):
+        raise errors.ValidationFailed(f"{name} must be 1-200 printable characters")
+    return raw

@@ -1,0 +1,80 @@
+"""RFC 9457 problem responses for every error, with the contract's `code`. No error escapes as a bare 500."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import MediaType, Request
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.response import Response
+
+from ledger_service.db.transactions import DatabaseUnavailable, is_connection_error
+from ledger_service.domain.errors import LedgerError
+from ledger_service.schemas import ProblemView
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+RETRY_AFTER_SECONDS = "2"
+
+_CODES_BY_STATUS = {
+    400: "validation_error",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def problem(
+    status: int, code: str, title: str, detail: str, headers: dict[str, str] | None = None
+) -> Response[ProblemView]:
+    return Response(
+        ProblemView(type=f"urn:ledger:problem:{code}", title=title, status=status, detail=detail, code=code),
+        status_code=status,
+        media_type=PROBLEM_JSON,
+        headers=headers,
+    )
+
+
+def _validation_detail(error: ValidationException) -> str:
+    parts = []
+    for item in error.extra if isinstance(error.extra, list) else []:
+        if isinstance(item, dict):
+            key, message = item.get("key"), item.get("message")
+            parts.append(f"{key}: {message}" if key and key != "data" else str(message))
+    return "; ".join(parts) or str(error.detail)
+
+
+def handle_exception(request: Request[Any, Any, Any], error: Exception) -> Response[ProblemView]:
+    if isinstance(error, LedgerError):
+        return problem(error.status, error.code, error.title, error.detail)
+    if isinstance(error, ValidationException):
+        return problem(400, "validation_error", "Invalid request", _validation_detail(error))
+    if isinstance(error, HTTPException):
+        status = error.status_code
+        if status >= 500:
+            log.error("HTTP %s on %s %s: %s", status, request.method, request.url.path, error.detail)
+        return problem(
+            status, _CODES_BY_STATUS.get(status, "error"), str(error.detail), str(error.detail), error.headers
+        )
+    if isinstance(error, DatabaseUnavailable) or is_connection_error(error):
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, error)
+        return problem(
+            503,
+            "unavailable",
+            "The database is unavailable; retry later",
+            "the ledger database cannot be reached",
+            {"Retry-After": RETRY_AFTER_SECONDS},
+        )
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem(500, "internal_error", "Internal error", "an unexpected error occurred; nothing was acknowledged")
+
+
+__all__ = ["PROBLEM_JSON", "MediaType", "handle_exception", "problem"]

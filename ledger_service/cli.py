@@ -1,0 +1,123 @@
+"""`ledger-service`: serve the API, migrate, create keys, refresh snapshots."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import TypeVar
+
+from ledger_service.database import database_url, migrate
+from ledger_service.settings import Settings, SettingsError
+
+T = TypeVar("T")
+
+
+def _run_with_engine(url: str, settings: Settings, job: Callable[..., Awaitable[T]]) -> T:
+    from ledger_service.db.engine import create_engine
+
+    async def main() -> T:
+        engine = create_engine(url, pool_size=2)
+        try:
+            return await job(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(main())
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    host = args.host or settings.host
+    port = args.port if args.port is not None else settings.port
+    with database_url(settings.database_url, settings.data_dir) as url:
+        if settings.auto_migrate:
+            migrate(url)
+        # Workers (and the app factory in this process) read the URL from the environment.
+        os.environ["LEDGER_DATABASE_URL"] = url
+        uvicorn.run(
+            "ledger_service.api.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=settings.workers,
+            loop="uvloop",
+            http="httptools",
+            log_level="info",
+            access_log=False,
+        )
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    with database_url(settings.database_url, settings.data_dir) as url:
+        migrate(url)
+    print("migrations applied")
+    return 0
+
+
+def cmd_create_key(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger_service.schemas import ApiKeyCommand
+    from ledger_service.services.api_keys import ApiKeyService
+
+    command = ApiKeyCommand(name=args.name, role=args.role)
+    with database_url(settings.database_url, settings.data_dir) as url:
+        if settings.auto_migrate:
+            migrate(url)
+        created = _run_with_engine(url, settings, lambda engine: ApiKeyService(engine).create(command))
+    print(f"created {created.role} key {created.id} ({created.name}); the secret is shown only this once:")
+    print(created.key)
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger_service.services.housekeeping import refresh_snapshots
+
+    with database_url(settings.database_url, settings.data_dir) as url:
+        run = _run_with_engine(url, settings, refresh_snapshots)
+    if run is None:
+        print("another process is refreshing the snapshots right now; nothing done")
+        return 0
+    print(f"snapshots at horizon {run.horizon}: {run.accounts_changed} accounts, {run.subjects_changed} usage subjects")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ledger-service", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP API (starts the embedded PostgreSQL if no URL is set)")
+    serve.add_argument("--host", help="listen address (LEDGER_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (LEDGER_PORT, default 8080)")
+    serve.set_defaults(handler=cmd_serve)
+
+    commands.add_parser("migrate", help="apply pending database migrations").set_defaults(handler=cmd_migrate)
+
+    key = commands.add_parser("create-key", help="create an API key and print its secret once")
+    key.add_argument("--role", required=True, choices=["admin", "relay", "auditor"])
+    key.add_argument("--name", required=True)
+    key.set_defaults(handler=cmd_create_key)
+
+    commands.add_parser("snapshot", help="materialize balance snapshots now").set_defaults(handler=cmd_snapshot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:
+        print(f"ledger-service: {error}", file=sys.stderr)
+        return 2
+    handler: Callable[[argparse.Namespace, Settings], int] = args.handler
+    return handler(args, replace(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

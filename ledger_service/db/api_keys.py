@@ -1,0 +1,62 @@
+"""API keys, stored as SHA-256 digests of their secrets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ledger_service.db import tables
+from ledger_service.schemas import ApiKeyView
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRow:
+    id: int
+    name: str
+    role: str
+    key_hash: bytes
+
+
+async def insert_key(conn: AsyncConnection, *, name: str, role: str, key_hash: bytes) -> int:
+    return int(
+        (
+            await conn.execute(
+                insert(tables.api_keys).values(name=name, role=role, key_hash=key_hash).returning(tables.api_keys.c.id)
+            )
+        ).scalar_one()
+    )
+
+
+async def active_by_hash(conn: AsyncConnection, key_hash: bytes) -> KeyRow | None:
+    row = (
+        await conn.execute(
+            select(tables.api_keys).where(
+                tables.api_keys.c.key_hash == key_hash, tables.api_keys.c.revoked_at.is_(None)
+            )
+        )
+    ).first()
+    return None if row is None else KeyRow(id=row.id, name=row.name, role=row.role, key_hash=bytes(row.key_hash))
+
+
+async def exists_with_hash(conn: AsyncConnection, key_hash: bytes) -> bool:
+    return (await conn.scalar(select(tables.api_keys.c.id).where(tables.api_keys.c.key_hash == key_hash))) is not None
+
+
+async def list_keys(conn: AsyncConnection) -> list[ApiKeyView]:
+    rows = await conn.execute(select(tables.api_keys).order_by(tables.api_keys.c.id))
+    return [
+        ApiKeyView(id=r.id, name=r.name, role=r.role, created_at=r.created_at, revoked_at=r.revoked_at) for r in rows
+    ]
+
+
+async def revoke(conn: AsyncConnection, key_id: int) -> bool:
+    """Revoke a key; False when no key has this id. Revoking twice is harmless."""
+    result = await conn.execute(
+        update(tables.api_keys)
+        .where(tables.api_keys.c.id == key_id)
+        .values(revoked_at=func.coalesce(tables.api_keys.c.revoked_at, func.now()))
+        .returning(tables.api_keys.c.id)
+    )
+    return result.first() is not None

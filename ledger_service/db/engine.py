@@ -1,0 +1,30 @@
+"""Creating the async engine from a `postgresql://` URL."""
+
+from __future__ import annotations
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+
+def async_url(url: str) -> str:
+    """`postgresql://...` (as users and libpq write it) to SQLAlchemy's `postgresql+asyncpg://...`."""
+    parsed = make_url(url)
+    if parsed.drivername in {"postgresql", "postgres", "postgresql+asyncpg"}:
+        return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+    raise ValueError(f"not a PostgreSQL URL: {parsed.drivername}://...")
+
+
+def create_engine(url: str, *, pool_size: int = 20, application_name: str = "ledger-service") -> AsyncEngine:
+    """A pooled engine. Pool size is fixed (no overflow) so the connection budget per process is known."""
+    return create_async_engine(
+        async_url(url),
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_timeout=10,
+        pool_recycle=1800,
+        connect_args={
+            "server_settings": {"application_name": application_name},
+            "timeout": 5,
+            "command_timeout": 60,
+        },
+    )

@@ -1,0 +1,203 @@
+"""Writing entries with their postings, and reading balances, usage and entries back.
+
+A balance is never stored as a mutable number. It is read as the account's snapshot row (the sum of its
+postings below the row's transaction horizon) plus the account's postings at or above that horizon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, text
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ledger_service.db import tables
+from ledger_service.domain.accounts import Ledger
+from ledger_service.domain.entries import EntryDraft
+from ledger_service.schemas import EntryView, PostingView
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    id: int
+    created_at: datetime
+
+
+async def insert_entry(
+    conn: AsyncConnection, draft: EntryDraft, *, charged: int | None = None, fingerprint: bytes | None = None
+) -> StoredEntry:
+    """Insert a balanced draft and its postings. The database re-checks the balance at commit."""
+    row = (
+        await conn.execute(
+            insert(tables.entries)
+            .values(
+                kind=str(draft.kind),
+                request_id=draft.request_id,
+                user_id=draft.user_id,
+                token_id=draft.token_id,
+                channel_id=draft.channel_id,
+                reference=draft.reference,
+                fingerprint=fingerprint,
+                reverses=draft.reverses,
+                charged=charged,
+                details=dict(draft.details),
+                hash=draft.content_hash(),
+            )
+            .returning(tables.entries.c.id, tables.entries.c.created_at)
+        )
+    ).one()
+    entry = StoredEntry(id=row.id, created_at=row.created_at)
+    if draft.postings:
+        await conn.execute(
+            insert(tables.postings),
+            [
+                {"entry_id": entry.id, "ledger": str(p.ledger), "account": p.account, "amount": p.amount}
+                for p in draft.postings
+            ],
+        )
+    return entry
+
+
+_BALANCES = text(
+    """
+    SELECT a.account, a.ledger,
+           (coalesce(s.balance, 0) + coalesce(d.delta, 0))::bigint AS balance
+      FROM unnest(CAST(:accounts AS text[]), CAST(:ledgers AS text[])) AS a(account, ledger)
+      LEFT JOIN balance_snapshots s ON s.account = a.account AND s.ledger = a.ledger
+      LEFT JOIN LATERAL (
+            SELECT sum(p.amount) AS delta
+              FROM postings p
+             WHERE p.account = a.account AND p.ledger = a.ledger
+               AND p.txid >= coalesce(s.horizon, '0'::xid8)
+      ) d ON true
+    """
+)
+
+
+async def balances(conn: AsyncConnection, wanted: Iterable[tuple[str, Ledger]]) -> dict[tuple[str, Ledger], int]:
+    """Current balances of several (account, ledger) pairs in one round trip; unknown accounts read 0."""
+    pairs = list(wanted)
+    if not pairs:
+        return {}
+    result = await conn.execute(
+        _BALANCES, {"accounts": [a for a, _ in pairs], "ledgers": [str(ledger) for _, ledger in pairs]}
+    )
+    return {(row.account, Ledger(row.ledger)): int(row.balance) for row in result}
+
+
+async def balance(conn: AsyncConnection, account: str, ledger: Ledger) -> int:
+    return (await balances(conn, [(account, ledger)]))[(account, ledger)]
+
+
+_USAGE = {
+    column: text(
+        f"""
+        SELECT (coalesce(s.used, 0) + coalesce(d.used, 0))::bigint AS used,
+               (coalesce(s.request_count, 0) + coalesce(d.requests, 0))::bigint AS request_count
+          FROM (SELECT CAST(:subject AS text) AS subject) q
+          LEFT JOIN usage_snapshots s ON s.subject = q.subject
+          LEFT JOIN LATERAL (
+                SELECT sum(e.charged) AS used, count(*) AS requests
+                  FROM entries e
+                 WHERE e.{column} = :subject_id AND e.kind IN ('settle', 'consume')
+                   AND e.txid >= coalesce(s.horizon, '0'::xid8)
+          ) d ON true
+        """  # noqa: S608 - the column name comes from the fixed set below, never from input
+    )
+    for column in ("user_id", "token_id", "channel_id")
+}
+
+
+async def usage(conn: AsyncConnection, kind: str, subject_id: int) -> tuple[int, int]:
+    """(used, request_count) of a user, token or channel: its settle and consume entries, snapshot plus rest."""
+    row = (
+        await conn.execute(_USAGE[f"{kind}_id"], {"subject": f"{kind}:{subject_id}", "subject_id": subject_id})
+    ).one()
+    return int(row.used), int(row.request_count)
+
+
+_ENTRY_COLUMNS = """
+    e.id, e.kind, e.request_id, e.user_id, e.token_id, e.channel_id, e.created_at, e.details, e.reverses,
+    e.hash, e.fingerprint
+"""
+
+
+async def _with_postings(conn: AsyncConnection, rows: Sequence[RowMapping]) -> list[EntryView]:
+    ids = [row["id"] for row in rows]
+    postings: dict[int, list[PostingView]] = {entry_id: [] for entry_id in ids}
+    if ids:
+        result = await conn.execute(
+            text(
+                "SELECT entry_id, ledger, account, amount FROM postings"
+                " WHERE entry_id = ANY(CAST(:ids AS bigint[])) ORDER BY entry_id, ledger, account"
+            ),
+            {"ids": ids},
+        )
+        for p in result:
+            postings[p.entry_id].append(PostingView(ledger=p.ledger, account=p.account, amount=p.amount))
+    return [entry_view(row, postings[row["id"]]) for row in rows]
+
+
+def entry_view(row: RowMapping, postings: list[PostingView]) -> EntryView:
+    details: dict[str, Any] = row["details"]
+    return EntryView(
+        id=row["id"],
+        kind=row["kind"],
+        request_id=row["request_id"],
+        user_id=row["user_id"],
+        token_id=row["token_id"],
+        channel_id=row["channel_id"],
+        created_at=row["created_at"],
+        postings=postings,
+        details=details,
+        reverses=row["reverses"],
+        hash=bytes(row["hash"]).hex(),
+    )
+
+
+async def entries_of_request(conn: AsyncConnection, request_id: str) -> list[EntryView]:
+    rows = (
+        (
+            await conn.execute(
+                text(f"SELECT {_ENTRY_COLUMNS} FROM entries e WHERE e.request_id = :request_id ORDER BY e.id"),  # noqa: S608
+                {"request_id": request_id},
+            )
+        )
+        .mappings()
+        .all()
+    )
+    return await _with_postings(conn, rows)
+
+
+async def get_entry(conn: AsyncConnection, entry_id: int) -> EntryView | None:
+    rows = (
+        (
+            await conn.execute(text(f"SELECT {_ENTRY_COLUMNS} FROM entries e WHERE e.id = :id"), {"id": entry_id})  # noqa: S608
+        )
+        .mappings()
+        .all()
+    )
+    found = await _with_postings(conn, rows)
+    return found[0] if found else None
+
+
+async def entry_by_reference(conn: AsyncConnection, reference: str) -> tuple[EntryView, bytes | None] | None:
+    """The entry a reference (idempotency key of top-ups, adjustments and reversals) created, with its fingerprint."""
+    rows = (
+        (
+            await conn.execute(
+                text(f"SELECT {_ENTRY_COLUMNS} FROM entries e WHERE e.reference = :reference"),  # noqa: S608
+                {"reference": reference},
+            )
+        )
+        .mappings()
+        .all()
+    )
+    if not rows:
+        return None
+    fingerprint = rows[0]["fingerprint"]
+    return (await _with_postings(conn, rows))[0], None if fingerprint is None else bytes(fingerprint)

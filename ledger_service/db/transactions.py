@@ -1,0 +1,104 @@
+"""Running a unit of work in one transaction, committed explicitly, retried whole on transient conflicts.
+
+The callable receives a connection inside BEGIN; `run_transaction` commits after it returns, so a failed commit
+raises here, inside the service, and can never reach a client as success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+SERIALIZATION_FAILURE = "40001"
+DEADLOCK_DETECTED = "40P01"
+UNIQUE_VIOLATION = "23505"
+RETRYABLE_SQLSTATES = frozenset({SERIALIZATION_FAILURE, DEADLOCK_DETECTED})
+
+MAX_ATTEMPTS = 10
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be reached or refused the connection; the operation may be retried later."""
+
+
+class RetryTransaction(Exception):
+    """Raised inside a unit of work to run it again from the start (e.g. lost an idempotency-key race)."""
+
+
+def sqlstate_of(error: BaseException) -> str | None:
+    orig = getattr(error, "orig", None)
+    state = getattr(orig, "sqlstate", None) or getattr(error, "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+def constraint_of(error: BaseException) -> str | None:
+    """The constraint a database error names, if any (asyncpg reports it on the original exception)."""
+    orig = getattr(error, "orig", None)
+    for candidate in (orig, getattr(orig, "__cause__", None)):
+        name = getattr(candidate, "constraint_name", None)
+        if isinstance(name, str):
+            return name
+    return None
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """True for failures of the connection itself rather than of the statement."""
+    if isinstance(error, OSError | ConnectionError | PoolTimeoutError | InterfaceError):
+        return True
+    if isinstance(error, DBAPIError):
+        if error.connection_invalidated:
+            return True
+        state = sqlstate_of(error)
+        if state is not None and (state.startswith("08") or state in {"57P01", "57P02", "57P03", "53300"}):
+            return True
+        if state is None and isinstance(error, OperationalError | InterfaceError):
+            return True
+        cause = getattr(error.orig, "__cause__", None)
+        return isinstance(cause, OSError | ConnectionError)
+    return False
+
+
+async def run_transaction(
+    engine: AsyncEngine,
+    work: Callable[[AsyncConnection], Awaitable[T]],
+    *,
+    isolation_level: str = "READ COMMITTED",
+    attempts: int = MAX_ATTEMPTS,
+) -> T:
+    """Run `work` in a transaction and commit it; retry the whole of it on 40001, 40P01 or RetryTransaction.
+
+    Connection failures become DatabaseUnavailable. Any other error rolls back and propagates.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            async with engine.connect() as conn:
+                await conn.execution_options(isolation_level=isolation_level)
+                async with conn.begin():
+                    result = await work(conn)
+                # Leaving `begin()` committed; a failing COMMIT raised above and nothing was acknowledged.
+                return result  # noqa: RET504 - committed when begin() exited, just above
+        except RetryTransaction:
+            if attempt == attempts:
+                raise
+        except DBAPIError as error:
+            if is_connection_error(error):
+                raise DatabaseUnavailable(str(error.orig)) from error
+            if sqlstate_of(error) not in RETRYABLE_SQLSTATES or attempt == attempts:
+                raise
+            log.info("retrying transaction after %s (attempt %d)", sqlstate_of(error), attempt)
+        except (OSError, ConnectionError, PoolTimeoutError) as error:
+            raise DatabaseUnavailable(str(error)) from error
+        # Jittered backoff so that the transactions that collided do not collide again in lockstep.
+        await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))
+    raise AssertionError("unreachable")

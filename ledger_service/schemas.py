@@ -1,0 +1,286 @@
+"""The shapes of what comes in (commands) and goes out (views), as msgspec structs.
+
+Decoding a command enforces the contract's input rules (section 8): ids 1..2^63-1, counts and amounts
+0..10^15, keys of 1-128 characters of `A-Z a-z 0-9 . _ : -`, no unknown fields. Checks that span fields live
+in `__post_init__` and raise ValueError, which msgspec reports as a validation error like any other.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from ledger_service.domain.pricing import MAX_AMOUNT, check_ratio
+
+MAX_ID = 2**63 - 1
+
+Id = Annotated[int, Meta(ge=1, le=MAX_ID, description="An integer id, 1..2^63-1.")]
+Count = Annotated[int, Meta(ge=0, le=MAX_AMOUNT, description="A token count or amount, 0..10^15.")]
+PositiveAmount = Annotated[int, Meta(ge=1, le=MAX_AMOUNT, description="An amount, 1..10^15.")]
+SignedAmount = Annotated[int, Meta(ge=-MAX_AMOUNT, le=MAX_AMOUNT, description="A signed amount, not 0.")]
+Key = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=128,
+        pattern=r"\A[A-Za-z0-9._:-]+\Z",
+        description="An idempotency key: 1-128 characters of A-Z a-z 0-9 . _ : -",
+    ),
+]
+Name = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=200,
+        pattern=r"\A[^\x00-\x1f\x7f]+\Z",
+        description="1-200 printable characters.",
+    ),
+]
+Note = Annotated[str, Meta(max_length=2000, description="Free text kept in the entry's details.")]
+ExpiresIn = Annotated[int, Meta(ge=1, le=86400, description="Seconds until the hold expires, 1..86400.")]
+Ratio = Annotated[Decimal, Meta(description="A decimal ratio, as a JSON number or string; kept exactly.")]
+Role = Literal["admin", "relay", "auditor"]
+
+
+class Command(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every request body: unknown fields are an error, not silently dropped."""
+
+
+# Lifecycle ---------------------------------------------------------------------------------------------------
+
+
+class HoldCommand(Command):
+    request_id: Key
+    user_id: Id
+    token_id: Id
+    model: Name
+    prompt_tokens: Count
+    group: Name = "default"
+    max_tokens: Count = 0
+    amount: Count | None = None
+    """Hold exactly this much instead of the estimate."""
+    expires_in: ExpiresIn | None = None
+
+
+class SettleCommand(Command):
+    channel_id: Id
+    prompt_tokens: Count
+    completion_tokens: Count
+    quota: Count | None = None
+    """Charge exactly this much instead of the priced charge."""
+
+
+class RefundCommand(Command):
+    reason: Note | None = None
+
+
+class ConsumptionCommand(Command):
+    request_id: Key
+    user_id: Id
+    token_id: Id
+    channel_id: Id
+    model: Name
+    prompt_tokens: Count
+    completion_tokens: Count
+    group: Name = "default"
+    quota: Count | None = None
+
+
+# Funding and tokens ------------------------------------------------------------------------------------------
+
+
+class TopupCommand(Command):
+    user_id: Id
+    amount: PositiveAmount
+    reference: Key
+    note: Note | None = None
+
+
+class AdjustmentCommand(Command):
+    user_id: Id
+    amount: SignedAmount
+    reference: Key
+    note: Note | None = None
+
+    def __post_init__(self) -> None:
+        if self.amount == 0:
+            raise ValueError("amount must not be 0")
+
+
+class TokenCommand(Command):
+    user_id: Id
+    unlimited: bool
+    remaining: Count | None = None
+    """The allowance to set; required for a limited token, ignored for an unlimited one."""
+
+    def __post_init__(self) -> None:
+        if not self.unlimited and self.remaining is None:
+            raise ValueError("remaining is required for a limited token")
+
+
+class ReverseCommand(Command):
+    reference: Key
+    note: Note | None = None
+
+
+# Pricing -----------------------------------------------------------------------------------------------------
+
+
+class ModelPriceCommand(Command):
+    model_ratio: Ratio | None = None
+    completion_ratio: Ratio = Decimal(1)
+    model_price: Ratio | None = None
+    """USD per call; when set, the model is priced per call and token counts do not matter."""
+
+    def __post_init__(self) -> None:
+        if self.model_ratio is None and self.model_price is None:
+            raise ValueError("model_ratio or model_price is required")
+        for name in ("model_ratio", "completion_ratio", "model_price"):
+            value = getattr(self, name)
+            if value is not None:
+                check_ratio(value, name)
+
+
+class GroupRatioCommand(Command):
+    group_ratio: Ratio
+
+    def __post_init__(self) -> None:
+        check_ratio(self.group_ratio, "group_ratio")
+
+
+class ApiKeyCommand(Command):
+    name: Name
+    role: Role
+
+
+# Views -------------------------------------------------------------------------------------------------------
+
+
+class View(msgspec.Struct, kw_only=True):
+    """Base of every response body."""
+
+
+class PostingView(View):
+    ledger: str
+    account: str
+    amount: int
+
+
+class EntryView(View):
+    id: int
+    kind: str
+    request_id: str | None
+    user_id: int | None
+    token_id: int | None
+    channel_id: int | None
+    created_at: datetime
+    postings: list[PostingView]
+    details: dict[str, Any]
+    reverses: int | None
+    hash: str
+    """Hex SHA-256 of the entry's content (see docs/accounting.md)."""
+
+
+class HoldView(View):
+    request_id: str
+    user_id: int
+    token_id: int
+    group: str
+    model: str
+    status: Literal["open", "settled", "refunded", "expired"]
+    amount: int
+    trusted: bool
+    charged: int | None
+    channel_id: int | None
+    late: bool
+    created_at: datetime
+    expires_at: datetime | None
+
+
+class HoldDetailView(HoldView):
+    entries: list[EntryView]
+
+
+class UserView(View):
+    user_id: int
+    available: int
+    held: int
+    used: int
+    request_count: int
+
+
+class TokenView(View):
+    token_id: int
+    user_id: int
+    unlimited: bool
+    remaining: int | None
+    held: int
+    used: int
+
+
+class ChannelView(View):
+    channel_id: int
+    used: int
+    request_count: int
+
+
+class FundingView(View):
+    entry: EntryView
+    user: UserView
+
+
+class ModelPriceView(View):
+    model_ratio: Decimal
+    completion_ratio: Decimal
+    model_price: Decimal | None
+
+
+class GroupRatioView(View):
+    group_ratio: Decimal
+
+
+class PricingDefaultsView(View):
+    model_ratio: Decimal
+    completion_ratio: Decimal
+    group_ratio: Decimal
+
+
+class PricingView(View):
+    models: dict[str, ModelPriceView]
+    groups: dict[str, GroupRatioView]
+    defaults: PricingDefaultsView
+
+
+class ApiKeyView(View):
+    id: int
+    name: str
+    role: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeyCreatedView(View):
+    id: int
+    name: str
+    role: str
+    key: str
+    """The secret, shown this once; only its hash is stored."""
+
+
+class HealthView(View):
+    status: str
+    database: str
+
+
+class ProblemView(View):
+    """RFC 9457 problem details, with the contract's machine-readable `code`."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str

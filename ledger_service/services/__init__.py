@@ -1,0 +1,1 @@
+"""Services: the operations of the ledger, each one transaction; no HTTP, no SQL."""

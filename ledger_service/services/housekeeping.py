@@ -1,0 +1,70 @@
+"""Background work each service process runs: refreshing snapshots and expiring overdue holds.
+
+Both are safe to run in every process at once: the snapshotter takes a lock and skips its turn when another
+process holds it; the sweeper locks the holds it expires with SKIP LOCKED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ledger_service.db import snapshots
+from ledger_service.db.snapshots import SnapshotRun
+from ledger_service.db.transactions import run_transaction
+from ledger_service.services.ledger import LedgerService
+
+log = logging.getLogger(__name__)
+
+
+async def refresh_snapshots(engine: AsyncEngine) -> SnapshotRun | None:
+    """Materialize balances and usage up to the current horizon; None if another process is doing it."""
+
+    async def work(conn: AsyncConnection) -> SnapshotRun | None:
+        return await snapshots.refresh(conn)
+
+    result: SnapshotRun | None = await run_transaction(engine, work, isolation_level="REPEATABLE READ")
+    return result
+
+
+async def _every(seconds: float, name: str, job: Callable[[], Awaitable[object]]) -> None:
+    while True:
+        try:
+            await job()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A failed round (database restarting, say) is logged and tried again at the next interval.
+            log.exception("%s failed; retrying in %ss", name, seconds)
+        await asyncio.sleep(seconds)
+
+
+class Housekeeping:
+    """Starts and stops the periodic jobs of one process."""
+
+    def __init__(self, engine: AsyncEngine, ledger: LedgerService, *, snapshot_seconds: float, sweep_seconds: float):
+        self.engine = engine
+        self.ledger = ledger
+        self.snapshot_seconds = snapshot_seconds
+        self.sweep_seconds = sweep_seconds
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(
+                _every(self.snapshot_seconds, "snapshot refresh", lambda: refresh_snapshots(self.engine))
+            ),
+            asyncio.create_task(_every(self.sweep_seconds, "expiry sweep", self.ledger.expire_due_holds)),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []

@@ -1,0 +1,572 @@
+"""The ledger's operations: funding, token allowances, and the request lifecycle.
+
+Each public method is one database transaction run by `run_transaction` (committed here, retried whole on
+serialization failures and deadlocks). The methods decide with the domain functions and write with the db
+modules; they never build SQL and never see HTTP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Generic, TypeVar
+
+import msgspec
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ledger_service.db import journal, locks, pricing, requests, tokens
+from ledger_service.db.requests import RequestRow
+from ledger_service.db.transactions import (
+    UNIQUE_VIOLATION,
+    RetryTransaction,
+    constraint_of,
+    run_transaction,
+    sqlstate_of,
+)
+from ledger_service.domain import accounts, errors
+from ledger_service.domain.accounts import Ledger
+from ledger_service.domain.entries import (
+    EntryDraft,
+    EntryKind,
+    allowance_postings,
+    direct_charge_postings,
+    funding_postings,
+    hold_postings,
+    release_postings,
+    settle_postings,
+)
+from ledger_service.domain.lifecycle import (
+    RefundMode,
+    RequestKind,
+    RequestStatus,
+    SettleMode,
+    TokenState,
+    check_token,
+    decide_hold,
+    fingerprint,
+    plan_refund,
+    plan_settle,
+)
+from ledger_service.domain.pricing import MAX_AMOUNT, AmountOutOfRange, Prices
+from ledger_service.schemas import (
+    AdjustmentCommand,
+    ChannelView,
+    ConsumptionCommand,
+    EntryView,
+    FundingView,
+    HoldCommand,
+    HoldDetailView,
+    HoldView,
+    RefundCommand,
+    SettleCommand,
+    TokenCommand,
+    TokenView,
+    TopupCommand,
+    UserView,
+)
+from ledger_service.settings import Settings
+
+T = TypeVar("T")
+
+IDEMPOTENCY_CONSTRAINTS = frozenset({"requests_pkey", "entries_reference_key"})
+"""Unique keys two concurrent first attempts can race for; the loser re-runs and finds the winner's row."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome(Generic[T]):
+    """What an operation produced, and how: new, replayed from an earlier identical call, or already there."""
+
+    value: T
+    created: bool = True
+    replayed: bool = False
+
+
+def _body(command: msgspec.Struct) -> dict[str, Any]:
+    return msgspec.to_builtins(command)  # type: ignore[no-any-return]
+
+
+def _priced(compute: Any, **kwargs: int) -> int:
+    try:
+        return int(compute(**kwargs))
+    except AmountOutOfRange as error:
+        raise errors.ValidationFailed(str(error)) from None
+
+
+class LedgerService:
+    def __init__(self, engine: AsyncEngine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+
+    async def _transaction(self, work: Any) -> Any:
+        async def guarded(conn: AsyncConnection) -> Any:
+            try:
+                return await work(conn)
+            except IntegrityError as error:
+                if sqlstate_of(error) == UNIQUE_VIOLATION and constraint_of(error) in IDEMPOTENCY_CONSTRAINTS:
+                    raise RetryTransaction from error
+                raise
+
+        return await run_transaction(self.engine, guarded)
+
+    # Funding ---------------------------------------------------------------------------------------------------
+
+    async def topup(self, command: TopupCommand) -> Outcome[FundingView]:
+        return await self._fund(EntryKind.TOPUP, command)
+
+    async def adjust(self, command: AdjustmentCommand) -> Outcome[FundingView]:
+        return await self._fund(EntryKind.ADJUSTMENT, command)
+
+    async def _fund(self, kind: EntryKind, command: TopupCommand | AdjustmentCommand) -> Outcome[FundingView]:
+        digest = fingerprint(str(kind), _body(command))
+
+        async def work(conn: AsyncConnection) -> Outcome[FundingView]:
+            existing = await journal.entry_by_reference(conn, command.reference)
+            if existing is not None:
+                entry, stored_digest = existing
+                if stored_digest != digest:
+                    raise errors.IdempotencyConflict(f"reference {command.reference!r} was used for another request")
+                user = await self._user(conn, command.user_id)
+                return Outcome(FundingView(entry=entry, user=user), created=False, replayed=True)
+            details: dict[str, Any] = {"amount": command.amount}
+            if command.note is not None:
+                details["note"] = command.note
+            draft = EntryDraft(
+                kind=kind,
+                postings=funding_postings(command.user_id, command.amount),
+                user_id=command.user_id,
+                reference=command.reference,
+                details=details,
+            )
+            stored = await journal.insert_entry(conn, draft, fingerprint=digest)
+            entry_view = await journal.get_entry(conn, stored.id)
+            assert entry_view is not None
+            return Outcome(FundingView(entry=entry_view, user=await self._user(conn, command.user_id)))
+
+        result: Outcome[FundingView] = await self._transaction(work)
+        return result
+
+    # Tokens ----------------------------------------------------------------------------------------------------
+
+    async def set_token(self, token_id: int, command: TokenCommand) -> Outcome[TokenView]:
+        """Register a token or change its allowance, posting the difference to the allowance ledger."""
+
+        async def work(conn: AsyncConnection) -> Outcome[TokenView]:
+            await locks.lock_user(conn, command.user_id)
+            existing = await tokens.get(conn, token_id)
+            if existing is not None and existing.user_id != command.user_id:
+                raise errors.TokenUserMismatch(f"token {token_id} belongs to another user")
+            current = await journal.balance(conn, accounts.token(token_id), Ledger.ALLOWANCE)
+            target = 0 if command.unlimited else (command.remaining or 0)
+            delta = target - current
+            if abs(delta) > MAX_AMOUNT:
+                raise errors.ValidationFailed(f"the allowance change {delta} exceeds {MAX_AMOUNT}")
+            if not await tokens.save(conn, tokens.TokenRow(token_id, command.user_id, command.unlimited)):
+                raise errors.TokenUserMismatch(f"token {token_id} belongs to another user")
+            if delta:
+                draft = EntryDraft(
+                    kind=EntryKind.ALLOWANCE,
+                    postings=allowance_postings(token_id, delta),
+                    user_id=command.user_id,
+                    token_id=token_id,
+                    details={"previous": current, "remaining": target, "unlimited": command.unlimited},
+                )
+                await journal.insert_entry(conn, draft)
+            view = await self._token(conn, token_id)
+            assert view is not None
+            return Outcome(view, created=existing is None)
+
+        result: Outcome[TokenView] = await self._transaction(work)
+        return result
+
+    # The request lifecycle -------------------------------------------------------------------------------------
+
+    async def open_hold(self, command: HoldCommand) -> Outcome[HoldView]:
+        """Reserve the estimate from the user's quota (and a limited token's allowance), or refuse."""
+        digest = fingerprint("hold", _body(command))
+        settings = self.settings
+
+        async def work(conn: AsyncConnection) -> Outcome[HoldView]:
+            # One lock per user: holds of a user (and of its tokens) are checked and posted one at a time.
+            await locks.lock_user(conn, command.user_id)
+            existing = await requests.get(conn, command.request_id)
+            if existing is not None:
+                return _replay(existing, RequestKind.HOLD, digest)
+            token = check_token(
+                await self._token_state(conn, command.token_id),
+                token_id=command.token_id,
+                user_id=command.user_id,
+            )
+            available = await journal.balance(conn, accounts.user(command.user_id), Ledger.QUOTA)
+            prices = await pricing.prices_for(conn, model=command.model, group=command.group)
+            estimate = (
+                command.amount
+                if command.amount is not None
+                else _priced(
+                    prices.estimate,
+                    pre_consumed=settings.pre_consumed_quota,
+                    prompt_tokens=command.prompt_tokens,
+                    max_tokens=command.max_tokens,
+                )
+            )
+            decision = decide_hold(
+                available=available, token=token, estimate=estimate, trust_factor=settings.trust_factor
+            )
+            expires_in = command.expires_in or settings.hold_ttl_seconds
+            row = await requests.insert_request(
+                conn,
+                request_id=command.request_id,
+                kind=RequestKind.HOLD.value,
+                status=RequestStatus.OPEN.value,
+                user_id=command.user_id,
+                token_id=command.token_id,
+                token_limited=token.limited,
+                group=command.group,
+                model=command.model,
+                prompt_tokens=command.prompt_tokens,
+                max_tokens=command.max_tokens,
+                amount=decision.amount,
+                trusted=decision.trusted,
+                prices=prices,
+                late=False,
+                request_fingerprint=digest,
+                expires_at=requests.now_plus(timedelta(seconds=expires_in)),
+            )
+            if decision.amount:
+                details = {
+                    "model": command.model,
+                    "group": command.group,
+                    "prompt_tokens": command.prompt_tokens,
+                    "max_tokens": command.max_tokens,
+                    "pre_consumed_quota": settings.pre_consumed_quota,
+                    "estimate": estimate,
+                    "explicit_amount": command.amount is not None,
+                    **prices.as_details(),
+                }
+                draft = EntryDraft(
+                    kind=EntryKind.HOLD,
+                    postings=hold_postings(
+                        request_id=command.request_id,
+                        user_id=command.user_id,
+                        token_id=command.token_id,
+                        amount=decision.amount,
+                        limited=token.limited,
+                    ),
+                    request_id=command.request_id,
+                    user_id=command.user_id,
+                    token_id=command.token_id,
+                    details=details,
+                )
+                await journal.insert_entry(conn, draft)
+            return Outcome(row.view())
+
+        result: Outcome[HoldView] = await self._transaction(work)
+        return result
+
+    async def settle(self, request_id: str, command: SettleCommand) -> Outcome[HoldView]:
+        """Charge the real cost: release the hold, credit the channel, give back (or take) the difference."""
+        digest = fingerprint("settle", _body(command))
+
+        async def work(conn: AsyncConnection) -> Outcome[HoldView]:
+            row = await requests.get(conn, request_id, for_update=True)
+            if row is None:
+                raise errors.HoldNotFound(f"no hold with request_id {request_id!r}")
+            mode = plan_settle(status=row.status, due=row.due, settled_with=row.settle_fingerprint, fingerprint=digest)
+            if mode is SettleMode.REPLAY:
+                return Outcome(row.view(), created=False, replayed=True)
+            charge = (
+                command.quota
+                if command.quota is not None
+                else _priced(
+                    row.prices.charge,
+                    prompt_tokens=command.prompt_tokens,
+                    completion_tokens=command.completion_tokens,
+                )
+            )
+            if mode is SettleMode.EXPIRE_THEN_LATE:
+                await self._release(conn, row, EntryKind.EXPIRE, {"reason": "expired"})
+            late = mode is not SettleMode.SETTLE_HOLD
+            held = 0 if late else row.amount
+            if held:
+                postings = settle_postings(
+                    request_id=row.request_id,
+                    user_id=row.user_id,
+                    token_id=row.token_id,
+                    channel_id=command.channel_id,
+                    held=held,
+                    charge=charge,
+                    limited=row.token_limited,
+                )
+            else:
+                postings = direct_charge_postings(
+                    user_id=row.user_id,
+                    token_id=row.token_id,
+                    channel_id=command.channel_id,
+                    charge=charge,
+                    limited=row.token_limited,
+                )
+            details = {
+                "model": row.model,
+                "group": row.group,
+                "prompt_tokens": command.prompt_tokens,
+                "completion_tokens": command.completion_tokens,
+                "held": held,
+                "charged": charge,
+                "explicit_quota": command.quota is not None,
+                "late": late,
+                **row.prices.as_details(),
+            }
+            draft = EntryDraft(
+                kind=EntryKind.SETTLE,
+                postings=postings,
+                request_id=row.request_id,
+                user_id=row.user_id,
+                token_id=row.token_id,
+                channel_id=command.channel_id,
+                details=details,
+            )
+            await journal.insert_entry(conn, draft, charged=charge)
+            settled = await requests.resolve(
+                conn,
+                request_id,
+                status=RequestStatus.SETTLED.value,
+                channel_id=command.channel_id,
+                settled_prompt_tokens=command.prompt_tokens,
+                completion_tokens=command.completion_tokens,
+                charged=charge,
+                late=late,
+                settle_fingerprint=digest,
+            )
+            return Outcome(settled.view(), created=False)
+
+        result: Outcome[HoldView] = await self._transaction(work)
+        return result
+
+    async def refund(self, request_id: str, command: RefundCommand) -> Outcome[HoldView]:
+        """Give the hold back after a failed upstream call."""
+        digest = fingerprint("refund", _body(command))
+
+        async def work(conn: AsyncConnection) -> Outcome[HoldView]:
+            row = await requests.get(conn, request_id, for_update=True)
+            if row is None:
+                raise errors.HoldNotFound(f"no hold with request_id {request_id!r}")
+            mode = plan_refund(status=row.status, due=row.due, refunded_with=row.refund_fingerprint, fingerprint=digest)
+            if mode is RefundMode.REPLAY:
+                return Outcome(row.view(), created=False, replayed=True)
+            if mode is RefundMode.UNCHANGED:
+                return Outcome(row.view(), created=False)
+            if mode is RefundMode.EXPIRE:
+                await self._release(conn, row, EntryKind.EXPIRE, {"reason": "expired"})
+                expired = await requests.resolve(conn, request_id, status=RequestStatus.EXPIRED.value)
+                return Outcome(expired.view(), created=False)
+            await self._release(conn, row, EntryKind.REFUND, {"reason": command.reason})
+            refunded = await requests.resolve(
+                conn, request_id, status=RequestStatus.REFUNDED.value, refund_fingerprint=digest
+            )
+            return Outcome(refunded.view(), created=False)
+
+        result: Outcome[HoldView] = await self._transaction(work)
+        return result
+
+    async def consume(self, command: ConsumptionCommand) -> Outcome[HoldView]:
+        """Charge a call that had no hold (post-paid calls, images). No balance check: the usage happened."""
+        digest = fingerprint("consumption", _body(command))
+
+        async def work(conn: AsyncConnection) -> Outcome[HoldView]:
+            existing = await requests.get(conn, command.request_id)
+            if existing is not None:
+                return _replay(existing, RequestKind.CONSUMPTION, digest)
+            token = check_token(
+                await self._token_state(conn, command.token_id),
+                token_id=command.token_id,
+                user_id=command.user_id,
+            )
+            prices = await pricing.prices_for(conn, model=command.model, group=command.group)
+            charge = (
+                command.quota
+                if command.quota is not None
+                else _priced(
+                    prices.charge,
+                    prompt_tokens=command.prompt_tokens,
+                    completion_tokens=command.completion_tokens,
+                )
+            )
+            row = await requests.insert_request(
+                conn,
+                request_id=command.request_id,
+                kind=RequestKind.CONSUMPTION.value,
+                status=RequestStatus.SETTLED.value,
+                user_id=command.user_id,
+                token_id=command.token_id,
+                token_limited=token.limited,
+                group=command.group,
+                model=command.model,
+                prompt_tokens=command.prompt_tokens,
+                max_tokens=0,
+                amount=0,
+                trusted=False,
+                prices=prices,
+                channel_id=command.channel_id,
+                settled_prompt_tokens=command.prompt_tokens,
+                completion_tokens=command.completion_tokens,
+                charged=charge,
+                late=False,
+                request_fingerprint=digest,
+                expires_at=None,
+            )
+            draft = EntryDraft(
+                kind=EntryKind.CONSUME,
+                postings=direct_charge_postings(
+                    user_id=command.user_id,
+                    token_id=command.token_id,
+                    channel_id=command.channel_id,
+                    charge=charge,
+                    limited=token.limited,
+                ),
+                request_id=command.request_id,
+                user_id=command.user_id,
+                token_id=command.token_id,
+                channel_id=command.channel_id,
+                details={
+                    "model": command.model,
+                    "group": command.group,
+                    "prompt_tokens": command.prompt_tokens,
+                    "completion_tokens": command.completion_tokens,
+                    "charged": charge,
+                    "explicit_quota": command.quota is not None,
+                    **prices.as_details(),
+                },
+            )
+            await journal.insert_entry(conn, draft, charged=charge)
+            return Outcome(row.view())
+
+        result: Outcome[HoldView] = await self._transaction(work)
+        return result
+
+    async def expire_due_holds(self, *, batch: int = 200) -> int:
+        """Expire (refund, entry kind `expire`) open holds past expires_at; returns how many were expired.
+
+        Rows are locked with SKIP LOCKED, so several processes share the work and never expire a hold twice; a
+        hold being settled or refunded at this moment is skipped and resolved by that call instead.
+        """
+
+        async def work(conn: AsyncConnection) -> int:
+            due = await requests.lock_due_holds(conn, limit=batch)
+            for row in due:
+                await self._release(conn, row, EntryKind.EXPIRE, {"reason": "expired"})
+                await requests.resolve(conn, row.request_id, status=RequestStatus.EXPIRED.value)
+            return len(due)
+
+        total = 0
+        while True:
+            expired: int = await self._transaction(work)
+            total += expired
+            if expired < batch:
+                return total
+
+    async def _release(self, conn: AsyncConnection, row: RequestRow, kind: EntryKind, details: dict[str, Any]) -> None:
+        """Post the refund or expiry of whatever the hold holds (nothing for a trusted hold)."""
+        if not row.amount:
+            return
+        draft = EntryDraft(
+            kind=kind,
+            postings=release_postings(
+                request_id=row.request_id,
+                user_id=row.user_id,
+                token_id=row.token_id,
+                held=row.amount,
+                limited=row.token_limited,
+            ),
+            request_id=row.request_id,
+            user_id=row.user_id,
+            token_id=row.token_id,
+            details={"held": row.amount, **{k: v for k, v in details.items() if v is not None}},
+        )
+        await journal.insert_entry(conn, draft)
+
+    # Reads -----------------------------------------------------------------------------------------------------
+
+    async def hold(self, request_id: str) -> HoldDetailView:
+        async def work(conn: AsyncConnection) -> HoldDetailView:
+            row = await requests.get(conn, request_id)
+            if row is None:
+                raise errors.HoldNotFound(f"no hold with request_id {request_id!r}")
+            entries = await journal.entries_of_request(conn, request_id)
+            return HoldDetailView(**msgspec.structs.asdict(row.view()), entries=entries)
+
+        result: HoldDetailView = await self._read(work)
+        return result
+
+    async def entry(self, entry_id: int) -> EntryView:
+        async def work(conn: AsyncConnection) -> EntryView:
+            found = await journal.get_entry(conn, entry_id)
+            if found is None:
+                raise errors.EntryNotFound(f"no entry with id {entry_id}")
+            return found
+
+        result: EntryView = await self._read(work)
+        return result
+
+    async def user(self, user_id: int) -> UserView:
+        result: UserView = await self._read(lambda conn: self._user(conn, user_id))
+        return result
+
+    async def token(self, token_id: int) -> TokenView:
+        async def work(conn: AsyncConnection) -> TokenView:
+            view = await self._token(conn, token_id)
+            if view is None:
+                raise errors.TokenNotFound(f"token {token_id} is not registered")
+            return view
+
+        result: TokenView = await self._read(work)
+        return result
+
+    async def channel(self, channel_id: int) -> ChannelView:
+        async def work(conn: AsyncConnection) -> ChannelView:
+            used, count = await journal.usage(conn, "channel", channel_id)
+            return ChannelView(channel_id=channel_id, used=used, request_count=count)
+
+        result: ChannelView = await self._read(work)
+        return result
+
+    async def _read(self, work: Any) -> Any:
+        # Several statements make up one view: read them from one snapshot so the numbers agree.
+        return await run_transaction(self.engine, work, isolation_level="REPEATABLE READ")
+
+    async def _user(self, conn: AsyncConnection, user_id: int) -> UserView:
+        available = await journal.balance(conn, accounts.user(user_id), Ledger.QUOTA)
+        held = await requests.held_by(conn, user_id=user_id)
+        used, count = await journal.usage(conn, "user", user_id)
+        return UserView(user_id=user_id, available=available, held=held, used=used, request_count=count)
+
+    async def _token_state(self, conn: AsyncConnection, token_id: int) -> TokenState | None:
+        row = await tokens.get(conn, token_id)
+        if row is None:
+            return None
+        remaining = 0 if row.unlimited else await journal.balance(conn, accounts.token(token_id), Ledger.ALLOWANCE)
+        return TokenState(token_id=token_id, user_id=row.user_id, unlimited=row.unlimited, remaining=remaining)
+
+    async def _token(self, conn: AsyncConnection, token_id: int) -> TokenView | None:
+        state = await self._token_state(conn, token_id)
+        if state is None:
+            return None
+        held = await requests.held_by(conn, token_id=token_id)
+        used, _ = await journal.usage(conn, "token", token_id)
+        return TokenView(
+            token_id=token_id,
+            user_id=state.user_id,
+            unlimited=state.unlimited,
+            remaining=None if state.unlimited else state.remaining,
+            held=held,
+            used=used,
+        )
+
+
+def _replay(existing: RequestRow, kind: RequestKind, digest: bytes) -> Outcome[HoldView]:
+    """A request_id seen before: the same call gets the request back; anything else is a conflict."""
+    if existing.kind is not kind or existing.request_fingerprint != digest:
+        raise errors.IdempotencyConflict(f"request_id {existing.request_id!r} was used for another request")
+    return Outcome(existing.view(), created=False, replayed=True)
+
+
+__all__ = ["LedgerService", "Outcome", "Prices"]

@@ -1,0 +1,117 @@
+"""Service settings, read once from environment variables.
+
+Every setting has a default that works on a developer's machine; `Settings.from_env()` is the only place the
+environment is read, so the rest of the code receives plain values and tests can build settings directly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the service cannot use."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise SettingsError(f"{name} must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
+def _str(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    return raw.strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the service can be configured with. Field docs name the environment variable."""
+
+    database_url: str | None = None
+    """LEDGER_DATABASE_URL: `postgresql://user:pass@host:port/db`. Unset: start the embedded PostgreSQL."""
+
+    data_dir: Path = field(default_factory=lambda: Path(".ledger-data"))
+    """LEDGER_DATA_DIR: where the embedded PostgreSQL keeps its files (default `./.ledger-data`)."""
+
+    host: str = "127.0.0.1"
+    """LEDGER_HOST: the address `serve` listens on."""
+
+    port: int = 8080
+    """LEDGER_PORT: the TCP port `serve` listens on."""
+
+    auto_migrate: bool = True
+    """LEDGER_AUTO_MIGRATE: apply pending migrations when `serve` starts (default true)."""
+
+    admin_key: str | None = None
+    """LEDGER_ADMIN_KEY: at start, make sure an admin API key with exactly this secret exists."""
+
+    hold_ttl_seconds: int = 600
+    """LEDGER_HOLD_TTL_SECONDS: how long a hold stays open when the request gives no `expires_in`."""
+
+    trust_factor: int = 100
+    """LEDGER_TRUST_FACTOR: hold nothing when the balances exceed this many estimates; 0 turns it off."""
+
+    pre_consumed_quota: int = 500
+    """LEDGER_PRE_CONSUMED_QUOTA: the fixed part of every estimate (one-api's PreConsumedQuota)."""
+
+    snapshot_interval_seconds: int = 5
+    """LEDGER_SNAPSHOT_INTERVAL_SECONDS: how often balance snapshots are refreshed in the background."""
+
+    sweep_interval_seconds: int = 5
+    """LEDGER_SWEEP_INTERVAL_SECONDS: how often expired holds are looked for and refunded."""
+
+    pool_size: int = 20
+    """LEDGER_POOL_SIZE: database connections each service process keeps open."""
+
+    workers: int = 1
+    """LEDGER_WORKERS: HTTP worker processes `serve` starts (each with its own pool)."""
+
+    background_tasks: bool = True
+    """LEDGER_BACKGROUND_TASKS: run the snapshotter and the expiry sweeper in this process (default true)."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read every LEDGER_* variable; raise SettingsError naming the first bad one."""
+        env = os.environ if env is None else env
+        data_dir = _str(env, "LEDGER_DATA_DIR")
+        return cls(
+            database_url=_str(env, "LEDGER_DATABASE_URL"),
+            data_dir=Path(data_dir) if data_dir else Path(".ledger-data"),
+            host=_str(env, "LEDGER_HOST") or "127.0.0.1",
+            port=_int(env, "LEDGER_PORT", 8080, minimum=0, maximum=65535),
+            auto_migrate=_bool(env, "LEDGER_AUTO_MIGRATE", True),
+            admin_key=_str(env, "LEDGER_ADMIN_KEY"),
+            hold_ttl_seconds=_int(env, "LEDGER_HOLD_TTL_SECONDS", 600, minimum=1, maximum=86400),
+            trust_factor=_int(env, "LEDGER_TRUST_FACTOR", 100, minimum=0, maximum=10**6),
+            pre_consumed_quota=_int(env, "LEDGER_PRE_CONSUMED_QUOTA", 500, minimum=0, maximum=10**9),
+            snapshot_interval_seconds=_int(env, "LEDGER_SNAPSHOT_INTERVAL_SECONDS", 5, minimum=1, maximum=86400),
+            sweep_interval_seconds=_int(env, "LEDGER_SWEEP_INTERVAL_SECONDS", 5, minimum=1, maximum=86400),
+            pool_size=_int(env, "LEDGER_POOL_SIZE", 20, minimum=1, maximum=1000),
+            workers=_int(env, "LEDGER_WORKERS", 1, minimum=1, maximum=64),
+            background_tasks=_bool(env, "LEDGER_BACKGROUND_TASKS", True),
+        )

@@ -1,0 +1,116 @@
+"""Helpers shared by the tests: an HTTP driver with keys of each role, and checks made with raw SQL."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import asyncpg
+import httpx
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+ADMIN_SECRET = "test-admin-secret"
+
+_ids = itertools.count(1)
+
+
+def unique(prefix: str = "req") -> str:
+    return f"{prefix}-{next(_ids)}"
+
+
+class Ledger:
+    """Drives the service over HTTP as a relay (or admin, or auditor) would."""
+
+    def __init__(self, client: AsyncTestClient[Litestar], conn: asyncpg.Connection[Any]) -> None:
+        self.client = client
+        self.conn = conn
+        self.keys: dict[str, str] = {"admin": ADMIN_SECRET}
+
+    async def start(self) -> None:
+        for role in ("relay", "auditor"):
+            response = await self.post("/v1/api-keys", {"name": f"test {role}", "role": role}, as_="admin")
+            assert response.status_code == 201, response.text
+            self.keys[role] = response.json()["key"]
+
+    def headers(self, as_: str | None) -> dict[str, str]:
+        return {} if as_ is None else {"Authorization": f"Bearer {self.keys[as_]}"}
+
+    async def post(self, path: str, body: Any = None, *, as_: str | None = "relay") -> httpx.Response:
+        return await self.client.post(path, json=body, headers=self.headers(as_))
+
+    async def put(self, path: str, body: Any = None, *, as_: str | None = "relay") -> httpx.Response:
+        return await self.client.put(path, json=body, headers=self.headers(as_))
+
+    async def get(self, path: str, *, as_: str | None = "relay") -> httpx.Response:
+        return await self.client.get(path, headers=self.headers(as_))
+
+    # Set-up shortcuts -------------------------------------------------------------------------------------------
+
+    async def fund(self, user_id: int, amount: int) -> dict[str, Any]:
+        response = await self.post(
+            "/v1/topups", {"user_id": user_id, "amount": amount, "reference": unique("topup")}, as_="admin"
+        )
+        assert response.status_code == 201, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def token(self, token_id: int, user_id: int, remaining: int | None = None) -> dict[str, Any]:
+        body = {"user_id": user_id, "unlimited": remaining is None, "remaining": remaining}
+        response = await self.put(f"/v1/tokens/{token_id}", body)
+        assert response.status_code in (200, 201), response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def hold(self, **fields: Any) -> httpx.Response:
+        body = {"request_id": unique(), "user_id": 1, "token_id": 1, "model": "gpt-4o", "prompt_tokens": 100}
+        body.update(fields)
+        return await self.post("/v1/holds", body)
+
+    async def user(self, user_id: int) -> dict[str, Any]:
+        response = await self.get(f"/v1/users/{user_id}")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def token_view(self, token_id: int) -> dict[str, Any]:
+        response = await self.get(f"/v1/tokens/{token_id}")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    # Checks behind the service's back ---------------------------------------------------------------------------
+
+    async def ledger_totals(self) -> dict[str, int]:
+        """Sum of every posting per ledger: zero, always, in a double-entry ledger."""
+        rows = await self.conn.fetch("SELECT ledger, sum(amount)::bigint AS total FROM postings GROUP BY ledger")
+        return {row["ledger"]: row["total"] for row in rows}
+
+    async def assert_books_balance(self) -> None:
+        totals = await self.ledger_totals()
+        assert all(total == 0 for total in totals.values()), totals
+        unbalanced = await self.conn.fetch(
+            "SELECT entry_id, ledger FROM postings GROUP BY entry_id, ledger HAVING sum(amount) <> 0"
+        )
+        assert unbalanced == []
+
+    async def raw_balance(self, account: str, ledger: str = "quota") -> int:
+        total = await self.conn.fetchval(
+            "SELECT coalesce(sum(amount), 0)::bigint FROM postings WHERE account = $1 AND ledger = $2", account, ledger
+        )
+        return int(total)
+
+    async def count(self, sql: str, *args: Any) -> int:
+        return int(await self.conn.fetchval(sql, *args))
+
+    async def backdate(self, request_id: str) -> None:
+        """Move a hold's expiry into the past, as if its time had run out (bypassing the lifecycle trigger)."""
+        await backdate(self.conn, request_id)
+
+
+async def backdate(conn: asyncpg.Connection[Any], request_id: str) -> None:
+    async with conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute(
+            "UPDATE requests SET expires_at = now() - interval '1 second' WHERE request_id = $1", request_id
+        )
