@@ -6,17 +6,20 @@ and the immutability triggers never need to be bypassed to clean up.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
+import uvicorn
 from litestar import Litestar
-from litestar.testing import AsyncTestClient
 
 from ledger_service.api.app import create_app
 from ledger_service.database import EmbeddedPostgres, migrate
@@ -73,13 +76,34 @@ def app(settings: Settings) -> Litestar:
 
 
 @pytest.fixture
-async def client(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
-    async with AsyncTestClient(app=app) as test_client:
-        yield test_client
+async def client(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client talking to the app served by a real uvicorn server on a loopback port.
+
+    Litestar's in-process test client handles one request at a time; a real server lets requests sent together
+    really run together, each on its own pooled database connection.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if serving.done():
+                serving.result()  # startup failed: raise its error here
+            await asyncio.sleep(0.01)
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=60) as http:
+            yield http
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
 
 
 @pytest.fixture
-async def ledger(client: AsyncTestClient[Litestar], database_url: str) -> AsyncIterator[Ledger]:
+async def ledger(client: httpx.AsyncClient, database_url: str) -> AsyncIterator[Ledger]:
     """The service over HTTP, with an admin and a relay key, and a raw connection for checks behind its back."""
     conn = await asyncpg.connect(database_url)
     try:

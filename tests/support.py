@@ -7,8 +7,6 @@ from typing import Any
 
 import asyncpg
 import httpx
-from litestar import Litestar
-from litestar.testing import AsyncTestClient
 
 ADMIN_SECRET = "test-admin-secret"
 
@@ -22,7 +20,7 @@ def unique(prefix: str = "req") -> str:
 class Ledger:
     """Drives the service over HTTP as a relay (or admin, or auditor) would."""
 
-    def __init__(self, client: AsyncTestClient[Litestar], conn: asyncpg.Connection[Any]) -> None:
+    def __init__(self, client: httpx.AsyncClient, conn: asyncpg.Connection[Any]) -> None:
         self.client = client
         self.conn = conn
         self.keys: dict[str, str] = {"admin": ADMIN_SECRET}

@@ -1,0 +1,142 @@
+"""Concurrency with real parallel database connections: many requests in flight at once, through HTTP.
+
+The app runs in-process; asyncio.gather puts every request in flight together, and each one holds its own pooled
+connection, so the transactions really overlap inside PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import httpx
+import pytest
+
+from ledger_service.db import locks
+from tests.support import Ledger
+
+ESTIMATE = 2000  # gpt-4o, prompt 100 + max 200 + 500 pre-consumed, x 2.5
+
+
+def codes(responses: list[httpx.Response]) -> Counter[str]:
+    return Counter(str(r.status_code) if r.status_code < 400 else r.json()["code"] for r in responses)
+
+
+async def fifty_holds(ledger: Ledger) -> list[httpx.Response]:
+    return list(
+        await asyncio.gather(*(ledger.hold(request_id=f"r{i}", prompt_tokens=100, max_tokens=200) for i in range(50)))
+    )
+
+
+async def test_fifty_concurrent_holds_on_quota_for_ten(ledger: Ledger) -> None:
+    await ledger.fund(1, 10 * ESTIMATE)
+    await ledger.token(1, 1)
+    responses = await fifty_holds(ledger)
+    assert codes(responses) == {"201": 10, "insufficient_user_quota": 40}
+    user = await ledger.user(1)
+    assert (user["available"], user["held"]) == (0, 10 * ESTIMATE)
+    assert await ledger.count("SELECT count(*) FROM requests") == 10
+    await ledger.assert_books_balance()
+
+
+async def test_fifty_concurrent_holds_on_a_token_capped_for_ten(ledger: Ledger) -> None:
+    await ledger.fund(1, 50 * ESTIMATE)
+    await ledger.token(1, 1, remaining=10 * ESTIMATE)
+    responses = await fifty_holds(ledger)
+    assert codes(responses) == {"201": 10, "insufficient_token_quota": 40}
+    token = await ledger.token_view(1)
+    assert (token["remaining"], token["held"]) == (0, 10 * ESTIMATE)
+    assert (await ledger.user(1))["available"] == 40 * ESTIMATE
+    await ledger.assert_books_balance()
+
+
+async def test_without_the_user_lock_the_same_load_oversells(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Control: the tests above can fail. Remove the lock and the 50 holds oversell the quota."""
+
+    async def no_lock(conn: Any, user_id: int) -> None:
+        return None
+
+    monkeypatch.setattr(locks, "lock_user", no_lock)
+    await ledger.fund(1, 10 * ESTIMATE)
+    await ledger.token(1, 1)
+    responses = await fifty_holds(ledger)
+    assert codes(responses)["201"] > 10
+    assert (await ledger.user(1))["available"] < 0
+
+
+async def test_identical_holds_at_the_same_moment_create_one_hold(ledger: Ledger) -> None:
+    await ledger.fund(1, 100_000)
+    await ledger.token(1, 1)
+    body = {"request_id": "same", "user_id": 1, "token_id": 1, "model": "gpt-4o", "prompt_tokens": 100}
+    responses = await asyncio.gather(*(ledger.post("/v1/holds", body) for _ in range(10)))
+    assert sorted(r.status_code for r in responses) == [200] * 9 + [201]
+    assert len({r.text for r in responses}) == 1  # every caller got the same hold
+    assert await ledger.count("SELECT count(*) FROM requests") == 1
+    assert await ledger.count("SELECT count(*) FROM entries WHERE kind = 'hold'") == 1
+
+
+async def test_one_request_id_raced_by_two_users_is_one_hold(ledger: Ledger) -> None:
+    for user in (1, 2):
+        await ledger.fund(user, 100_000)
+        await ledger.token(user, user)
+    bodies = [
+        {"request_id": "contested", "user_id": u, "token_id": u, "model": "gpt-4o", "prompt_tokens": 100}
+        for u in (1, 2) * 5
+    ]
+    responses = await asyncio.gather(*(ledger.post("/v1/holds", b) for b in bodies))
+    outcome = codes(list(responses))
+    assert outcome["201"] == 1
+    assert outcome["200"] == 4  # the winner's own retries are replays
+    assert outcome["idempotency_conflict"] == 5
+    assert await ledger.count("SELECT count(*) FROM requests") == 1
+    await ledger.assert_books_balance()
+
+
+async def test_settle_and_refund_racing_on_one_hold(ledger: Ledger) -> None:
+    await ledger.fund(1, 100_000)
+    await ledger.token(1, 1)
+    for i in range(10):
+        await ledger.hold(request_id=f"race{i}", prompt_tokens=100, max_tokens=200)
+    calls = []
+    for i in range(10):
+        calls.append(
+            ledger.post(f"/v1/holds/race{i}/settle", {"channel_id": 1, "prompt_tokens": 1, "completion_tokens": 1})
+        )
+        calls.append(ledger.post(f"/v1/holds/race{i}/refund", {}))
+    responses = list(await asyncio.gather(*calls))
+    for i in range(10):
+        settle, refund = responses[2 * i], responses[2 * i + 1]
+        assert sorted([settle.status_code, refund.status_code]) == [200, 409]
+    assert await ledger.count("SELECT count(*) FROM entries WHERE kind IN ('settle', 'refund')") == 10
+    assert (
+        await ledger.count("SELECT count(*) FROM postings WHERE account LIKE 'hold:%' GROUP BY ()") == 20
+    )  # one posting in, one out, per hold
+    held = await ledger.conn.fetchval("SELECT coalesce(sum(amount), 0) FROM postings WHERE account LIKE 'hold:%'")
+    assert held == 0
+    await ledger.assert_books_balance()
+
+
+async def test_many_identical_settlements_settle_once(ledger: Ledger) -> None:
+    await ledger.fund(1, 100_000)
+    await ledger.token(1, 1)
+    await ledger.hold(request_id="s", prompt_tokens=100, max_tokens=200)
+    body = {"channel_id": 1, "prompt_tokens": 100, "completion_tokens": 100}
+    responses = await asyncio.gather(*(ledger.post("/v1/holds/s/settle", body) for _ in range(20)))
+    assert {r.status_code for r in responses} == {200}
+    assert sum(1 for r in responses if "idempotent-replayed" in r.headers) == 19
+    assert await ledger.count("SELECT count(*) FROM entries WHERE kind = 'settle'") == 1
+    assert (await ledger.user(1))["available"] == 100_000 - 1250
+
+
+async def test_a_new_token_raced_by_two_users_belongs_to_one(ledger: Ledger) -> None:
+    bodies = [{"user_id": u, "unlimited": False, "remaining": 100 * u} for u in (1, 2) * 5]
+    responses = await asyncio.gather(*(ledger.put("/v1/tokens/77", b) for b in bodies))
+    owner = (await ledger.token_view(77))["user_id"]
+    for body, response in zip(bodies, responses, strict=True):
+        if body["user_id"] == owner:
+            assert response.status_code in (200, 201)
+        else:
+            assert (response.status_code, response.json()["code"]) == (409, "token_user_mismatch")
+    assert (await ledger.token_view(77))["remaining"] == 100 * owner
+    await ledger.assert_books_balance()
