@@ -28,7 +28,8 @@ HOLD: dict[str, Any] = {"request_id": "h1", "user_id": 1, "token_id": 1, "model"
 
 async def test_a_repeated_hold_is_replayed(funded: Ledger) -> None:
     first = await funded.post("/v1/holds", HOLD)
-    assert first.status_code == 201 and REPLAYED not in first.headers
+    assert first.status_code == 201
+    assert REPLAYED not in first.headers
     before = await posting_count(funded)
     # Same body, other key order, optional fields spelled out with their defaults: still the same request.
     again = await funded.post("/v1/holds", {"max_tokens": 0, "group": "default", **dict(reversed(HOLD.items()))})
