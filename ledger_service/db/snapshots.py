@@ -76,7 +76,7 @@ async def refresh(conn: AsyncConnection) -> SnapshotRun | None:
     previous = int(await conn.scalar(text("SELECT coalesce(max(horizon), '0')::text FROM snapshot_runs")) or 0)
     if horizon <= previous:
         return SnapshotRun(horizon=previous, accounts_changed=0, subjects_changed=0)
-    params = {"previous": str(previous), "horizon": str(horizon)}
+    params = {"previous": previous, "horizon": horizon}
     accounts_changed = (await conn.execute(_BALANCE_DELTA, params)).rowcount
     subjects_changed = (await conn.execute(_USAGE_DELTA, params)).rowcount
     await conn.execute(
@@ -84,7 +84,7 @@ async def refresh(conn: AsyncConnection) -> SnapshotRun | None:
             "INSERT INTO snapshot_runs (horizon, accounts_changed, subjects_changed)"
             " VALUES (CAST(:horizon AS xid8), :accounts, :subjects)"
         ),
-        {"horizon": str(horizon), "accounts": accounts_changed, "subjects": subjects_changed},
+        {"horizon": horizon, "accounts": accounts_changed, "subjects": subjects_changed},
     )
     return SnapshotRun(horizon=horizon, accounts_changed=accounts_changed, subjects_changed=subjects_changed)
 
