@@ -181,6 +181,8 @@ class EntryView(View):
     postings: list[PostingView]
     details: dict[str, Any]
     reverses: int | None
+    reference: str | None
+    """The idempotency key of a top-up, adjustment or reversal (part of the hashed content)."""
     hash: str
     """Hex SHA-256 of the entry's content (see docs/accounting.md)."""
 
@@ -261,6 +263,12 @@ class ApiKeyView(View):
     role: str
     created_at: datetime
     revoked_at: datetime | None
+
+
+class ApiKeyListView(View):
+    items: list[ApiKeyView]
+    next_cursor: str | None = None
+    """Lists share one shape (contract section 6); every key fits on one page, so this is always null."""
 
 
 class ApiKeyCreatedView(View):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import socket
 import tempfile
@@ -29,6 +30,7 @@ from ledger_service.settings import Settings
 from tests.support import ADMIN_SECRET, Ledger
 
 TEMPLATE = "ledger_template"
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns test output
 _database_numbers = itertools.count(1)
 
 

@@ -75,7 +75,7 @@ async def test_a_posting_that_commits_late_is_never_missed(service: LedgerServic
         first = await refresh_snapshots(service.engine)
         assert first is not None
         # The horizon stops at the slow writer: nothing at or above it is in the snapshot yet.
-        rows = dict(await early.fetch("SELECT account, balance FROM balance_snapshots"))
+        rows = {r["account"]: r["balance"] for r in await early.fetch("SELECT account, balance FROM balance_snapshots")}
         assert rows.get("user:2") == 7
         assert "user:1" not in rows
         assert await read_balance(service, "user:1") == 50

@@ -38,13 +38,18 @@ def parse_name(raw: str, name: str) -> str:
     return raw
 
 
-async def decode_exact(request: Request[Any, Any, Any], body_type: type[T]) -> T:
-    """Decode the raw body straight into `body_type`, so JSON numbers become Decimals digit for digit.
+async def strict_body(request: Request[Any, Any, Any], body_type: type[T], *, when_empty: T | None = None) -> T:
+    """Decode the raw request body straight into `body_type`, strictly: this decode is the one that counts.
 
-    Litestar's own body parsing goes through Python objects first, where a JSON number is a binary float; bodies
-    that carry ratios are decoded again here, from the bytes, so no ratio ever passes through a float.
+    Litestar also parses `data` (which is what documents the body in the OpenAPI schema), but it converts
+    leniently: "50" becomes 50, "true" becomes True, and a JSON number becomes a binary float before it becomes a
+    Decimal. Decoding the bytes with msgspec in strict mode refuses wrong types outright and turns JSON numbers
+    into Decimals digit for digit, so no ratio ever passes through a float.
     """
+    raw = await request.body()
+    if when_empty is not None and not raw.strip():
+        return when_empty
     try:
-        return msgspec.json.decode(await request.body(), type=body_type)
+        return msgspec.json.decode(raw, type=body_type, strict=True)
     except (msgspec.ValidationError, msgspec.DecodeError) as error:
         raise errors.ValidationFailed(str(error)) from None

@@ -55,6 +55,9 @@ def _validation_detail(error: ValidationException) -> str:
 def handle_exception(request: Request[Any, Any, Any], error: Exception) -> Response[ProblemView]:
     if isinstance(error, LedgerError):
         return problem(error.status, error.code, error.title, error.detail)
+    if isinstance(error, RecursionError):
+        # Only request bodies nest arbitrarily deep; the JSON decoder gives up with a RecursionError.
+        return problem(400, "validation_error", "Invalid request", "the JSON body is nested too deeply")
     if isinstance(error, ValidationException):
         return problem(400, "validation_error", "Invalid request", _validation_detail(error))
     if isinstance(error, HTTPException):

@@ -122,7 +122,7 @@ async def usage(conn: AsyncConnection, kind: str, subject_id: int) -> tuple[int,
 
 _ENTRY_COLUMNS = """
     e.id, e.kind, e.request_id, e.user_id, e.token_id, e.channel_id, e.created_at, e.details, e.reverses,
-    e.hash, e.fingerprint
+    e.reference, e.hash, e.fingerprint
 """
 
 
@@ -155,6 +155,7 @@ def entry_view(row: RowMapping, postings: list[PostingView]) -> EntryView:
         postings=postings,
         details=details,
         reverses=row["reverses"],
+        reference=row["reference"],
         hash=bytes(row["hash"]).hex(),
     )
 

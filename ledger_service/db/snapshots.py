@@ -68,7 +68,10 @@ _USAGE_DELTA = text(
 async def refresh(conn: AsyncConnection) -> SnapshotRun | None:
     """Bring every snapshot up to the current horizon. None when another process holds the snapshot lock.
 
-    Run it in a REPEATABLE READ transaction so that every statement sees the same finished transactions.
+    Run it in READ COMMITTED: the lock is taken by the first statement, and every statement after it takes a
+    fresh snapshot, so the previous horizon read here is the one the last refresh committed (under REPEATABLE
+    READ the snapshot would date from before the lock was granted) and every transaction below the new horizon,
+    all finished, is visible to the statements that sum them.
     """
     if not await locks.try_lock_snapshots(conn):
         return None

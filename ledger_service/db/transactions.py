@@ -32,6 +32,10 @@ class DatabaseUnavailable(Exception):
     """The database cannot be reached or refused the connection; the operation may be retried later."""
 
 
+class DatabaseBusy(DatabaseUnavailable):
+    """The transaction kept losing to concurrent ones (serialization failures, deadlocks); retry later."""
+
+
 class RetryTransaction(Exception):
     """Raised inside a unit of work to run it again from the start (e.g. lost an idempotency-key race)."""
 
@@ -88,14 +92,16 @@ async def run_transaction(
                     result = await work(conn)
                 # Leaving `begin()` committed; a failing COMMIT raised above and nothing was acknowledged.
                 return result  # noqa: RET504 - committed when begin() exited, just above
-        except RetryTransaction:
+        except RetryTransaction as error:
             if attempt == attempts:
-                raise
+                raise DatabaseBusy(f"gave up after {attempts} attempts") from error
         except DBAPIError as error:
             if is_connection_error(error):
                 raise DatabaseUnavailable(str(error.orig)) from error
-            if sqlstate_of(error) not in RETRYABLE_SQLSTATES or attempt == attempts:
+            if sqlstate_of(error) not in RETRYABLE_SQLSTATES:
                 raise
+            if attempt == attempts:
+                raise DatabaseBusy(f"gave up after {attempts} attempts: {sqlstate_of(error)}") from error
             log.info("retrying transaction after %s (attempt %d)", sqlstate_of(error), attempt)
         except (OSError, ConnectionError, PoolTimeoutError) as error:
             raise DatabaseUnavailable(str(error)) from error

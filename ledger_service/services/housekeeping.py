@@ -27,7 +27,7 @@ async def refresh_snapshots(engine: AsyncEngine) -> SnapshotRun | None:
     async def work(conn: AsyncConnection) -> SnapshotRun | None:
         return await snapshots.refresh(conn)
 
-    result: SnapshotRun | None = await run_transaction(engine, work, isolation_level="REPEATABLE READ")
+    result: SnapshotRun | None = await run_transaction(engine, work)
     return result
 
 

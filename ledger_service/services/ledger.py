@@ -271,6 +271,8 @@ class LedgerService:
             row = await requests.get(conn, request_id, for_update=True)
             if row is None:
                 raise errors.HoldNotFound(f"no hold with request_id {request_id!r}")
+            if row.kind is RequestKind.CONSUMPTION:
+                raise errors.HoldAlreadySettled(f"{request_id!r} is a consumption: it was charged when recorded")
             mode = plan_settle(status=row.status, due=row.due, settled_with=row.settle_fingerprint, fingerprint=digest)
             if mode is SettleMode.REPLAY:
                 return Outcome(row.view(), created=False, replayed=True)
@@ -350,6 +352,8 @@ class LedgerService:
             row = await requests.get(conn, request_id, for_update=True)
             if row is None:
                 raise errors.HoldNotFound(f"no hold with request_id {request_id!r}")
+            if row.kind is RequestKind.CONSUMPTION:
+                raise errors.HoldAlreadySettled(f"{request_id!r} is a consumption: it was charged when recorded")
             mode = plan_refund(status=row.status, due=row.due, refunded_with=row.refund_fingerprint, fingerprint=digest)
             if mode is RefundMode.REPLAY:
                 return Outcome(row.view(), created=False, replayed=True)

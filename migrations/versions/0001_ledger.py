@@ -163,6 +163,8 @@ END
 $$;
 CREATE TRIGGER requests_lifecycle BEFORE UPDATE OR DELETE ON requests
     FOR EACH ROW EXECUTE FUNCTION ledger_check_request_transition();
+CREATE TRIGGER requests_no_truncate BEFORE TRUNCATE ON requests
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse_change();
 
 -- Tokens: the registry of API tokens; a token never changes user -------------------------------------------
 CREATE TABLE tokens (
@@ -182,6 +184,10 @@ END
 $$;
 CREATE TRIGGER tokens_owner_fixed BEFORE UPDATE ON tokens
     FOR EACH ROW EXECUTE FUNCTION ledger_check_token_owner();
+CREATE TRIGGER tokens_kept BEFORE DELETE ON tokens
+    FOR EACH ROW EXECUTE FUNCTION ledger_refuse_change();
+CREATE TRIGGER tokens_no_truncate BEFORE TRUNCATE ON tokens
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse_change();
 
 -- Pricing ------------------------------------------------------------------------------------------------------
 CREATE TABLE model_prices (

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from litestar import Controller, delete, get, post
+from typing import Any
+
+from litestar import Controller, Request, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from ledger_service.api import auth
-from ledger_service.api.params import parse_id
-from ledger_service.schemas import ApiKeyCommand, ApiKeyCreatedView, ApiKeyView
+from ledger_service.api.params import parse_id, strict_body
+from ledger_service.schemas import ApiKeyCommand, ApiKeyCreatedView, ApiKeyListView
 from ledger_service.services.api_keys import ApiKeyService
 
 
@@ -17,12 +19,14 @@ class ApiKeyController(Controller):
     tags = ["access"]
 
     @post("/", status_code=201, opt={"roles": auth.ADMIN_ONLY}, summary="Create a key; the secret is shown once")
-    async def create(self, data: JSONBody[ApiKeyCommand], keys: NamedDependency[ApiKeyService]) -> ApiKeyCreatedView:
-        return await keys.create(data)
+    async def create(
+        self, request: Request[Any, Any, Any], data: JSONBody[ApiKeyCommand], keys: NamedDependency[ApiKeyService]
+    ) -> ApiKeyCreatedView:
+        return await keys.create(await strict_body(request, ApiKeyCommand))
 
     @get("/", opt={"roles": auth.ADMIN_ONLY}, summary="Every key (never the secrets)")
-    async def list_keys(self, keys: NamedDependency[ApiKeyService]) -> list[ApiKeyView]:
-        return await keys.list()
+    async def list_keys(self, keys: NamedDependency[ApiKeyService]) -> ApiKeyListView:
+        return ApiKeyListView(items=await keys.list())
 
     @delete("/{key_id:str}", status_code=204, opt={"roles": auth.ADMIN_ONLY}, summary="Revoke a key")
     async def revoke(self, key_id: FromPath[str], keys: NamedDependency[ApiKeyService]) -> None:

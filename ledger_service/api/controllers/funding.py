@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from litestar import Controller, post, put
+from typing import Any
+
+from litestar import Controller, Request, post, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from litestar.response import Response
 
 from ledger_service.api import auth
 from ledger_service.api.controllers.responses import respond
-from ledger_service.api.params import parse_id
+from ledger_service.api.params import parse_id, strict_body
 from ledger_service.schemas import AdjustmentCommand, FundingView, TokenCommand, TokenView, TopupCommand
 from ledger_service.services.ledger import LedgerService
 
@@ -20,9 +22,9 @@ class FundingController(Controller):
 
     @post("/topups", status_code=201, opt={"roles": auth.ADMIN_ONLY}, summary="Credit a user's quota")
     async def topup(
-        self, data: JSONBody[TopupCommand], ledger: NamedDependency[LedgerService]
+        self, request: Request[Any, Any, Any], data: JSONBody[TopupCommand], ledger: NamedDependency[LedgerService]
     ) -> Response[FundingView]:
-        return respond(await ledger.topup(data))
+        return respond(await ledger.topup(await strict_body(request, TopupCommand)))
 
     @post(
         "/adjustments",
@@ -31,9 +33,9 @@ class FundingController(Controller):
         summary="Correct a user's quota (signed)",
     )
     async def adjust(
-        self, data: JSONBody[AdjustmentCommand], ledger: NamedDependency[LedgerService]
+        self, request: Request[Any, Any, Any], data: JSONBody[AdjustmentCommand], ledger: NamedDependency[LedgerService]
     ) -> Response[FundingView]:
-        return respond(await ledger.adjust(data))
+        return respond(await ledger.adjust(await strict_body(request, AdjustmentCommand)))
 
     @put(
         "/tokens/{token_id:str}",
@@ -42,6 +44,11 @@ class FundingController(Controller):
         summary="Register a token or set its allowance",
     )
     async def set_token(
-        self, token_id: FromPath[str], data: JSONBody[TokenCommand], ledger: NamedDependency[LedgerService]
+        self,
+        request: Request[Any, Any, Any],
+        token_id: FromPath[str],
+        data: JSONBody[TokenCommand],
+        ledger: NamedDependency[LedgerService],
     ) -> Response[TokenView]:
-        return respond(await ledger.set_token(parse_id(token_id, "token_id"), data))
+        command = await strict_body(request, TokenCommand)
+        return respond(await ledger.set_token(parse_id(token_id, "token_id"), command))

@@ -10,7 +10,7 @@ from litestar.params import FromPath, JSONBody
 from litestar.response import Response
 
 from ledger_service.api import auth
-from ledger_service.api.params import decode_exact, parse_name
+from ledger_service.api.params import parse_name, strict_body
 from ledger_service.schemas import (
     GroupRatioCommand,
     GroupRatioView,
@@ -42,7 +42,7 @@ class PricingController(Controller):
         data: JSONBody[ModelPriceCommand],
         prices: NamedDependency[PricingService],
     ) -> Response[ModelPriceView]:
-        exact = await decode_exact(request, ModelPriceCommand)  # `data` went through floats; see decode_exact
+        exact = await strict_body(request, ModelPriceCommand)
         view, created = await prices.set_model(parse_name(model.lstrip("/"), "model"), exact)
         return Response(view, status_code=201 if created else 200)
 
@@ -59,6 +59,6 @@ class PricingController(Controller):
         data: JSONBody[GroupRatioCommand],
         prices: NamedDependency[PricingService],
     ) -> Response[GroupRatioView]:
-        exact = await decode_exact(request, GroupRatioCommand)  # `data` went through floats; see decode_exact
+        exact = await strict_body(request, GroupRatioCommand)
         view, created = await prices.set_group(parse_name(group, "group"), exact)
         return Response(view, status_code=201 if created else 200)

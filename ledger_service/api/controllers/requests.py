@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from litestar import Controller, get, post
+from typing import Any
+
+from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from litestar.response import Response
 
 from ledger_service.api import auth
 from ledger_service.api.controllers.responses import respond
-from ledger_service.api.params import parse_key
+from ledger_service.api.params import parse_key, strict_body
 from ledger_service.schemas import (
     ConsumptionCommand,
     HoldCommand,
@@ -32,9 +34,9 @@ class HoldController(Controller):
         summary="Hold the estimate before an upstream call",
     )
     async def open_hold(
-        self, data: JSONBody[HoldCommand], ledger: NamedDependency[LedgerService]
+        self, request: Request[Any, Any, Any], data: JSONBody[HoldCommand], ledger: NamedDependency[LedgerService]
     ) -> Response[HoldView]:
-        return respond(await ledger.open_hold(data))
+        return respond(await ledger.open_hold(await strict_body(request, HoldCommand)))
 
     @get("/{request_id:str}", opt={"roles": auth.READ_ALL}, summary="A hold with every entry of its request")
     async def get_hold(self, request_id: FromPath[str], ledger: NamedDependency[LedgerService]) -> HoldDetailView:
@@ -47,9 +49,14 @@ class HoldController(Controller):
         summary="Charge the real cost",
     )
     async def settle(
-        self, request_id: FromPath[str], data: JSONBody[SettleCommand], ledger: NamedDependency[LedgerService]
+        self,
+        request: Request[Any, Any, Any],
+        request_id: FromPath[str],
+        data: JSONBody[SettleCommand],
+        ledger: NamedDependency[LedgerService],
     ) -> Response[HoldView]:
-        return respond(await ledger.settle(parse_key(request_id), data), created_status=200)
+        command = await strict_body(request, SettleCommand)
+        return respond(await ledger.settle(parse_key(request_id), command), created_status=200)
 
     @post(
         "/{request_id:str}/refund",
@@ -59,11 +66,13 @@ class HoldController(Controller):
     )
     async def refund(
         self,
+        request: Request[Any, Any, Any],
         request_id: FromPath[str],
         ledger: NamedDependency[LedgerService],
         data: JSONBody[RefundCommand | None] = None,
     ) -> Response[HoldView]:
-        return respond(await ledger.refund(parse_key(request_id), data or RefundCommand()), created_status=200)
+        command = await strict_body(request, RefundCommand, when_empty=RefundCommand())
+        return respond(await ledger.refund(parse_key(request_id), command), created_status=200)
 
 
 class ConsumptionController(Controller):
@@ -72,6 +81,9 @@ class ConsumptionController(Controller):
 
     @post("/", status_code=201, opt={"roles": auth.RELAY_WRITE}, summary="Charge a call that had no hold")
     async def consume(
-        self, data: JSONBody[ConsumptionCommand], ledger: NamedDependency[LedgerService]
+        self,
+        request: Request[Any, Any, Any],
+        data: JSONBody[ConsumptionCommand],
+        ledger: NamedDependency[LedgerService],
     ) -> Response[HoldView]:
-        return respond(await ledger.consume(data))
+        return respond(await ledger.consume(await strict_body(request, ConsumptionCommand)))
