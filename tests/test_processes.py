@@ -6,12 +6,10 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 import asyncpg
 import httpx
@@ -28,17 +26,16 @@ def free_port() -> int:
         return port
 
 
-async def eventually(check: Callable[[], Any], *, timeout: float = 60.0, every: float = 0.2) -> None:
-    """Poll an async condition until it holds; fail after `timeout` seconds. Waits for outcomes, never for time."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition still false after {timeout}s")
-        await asyncio.sleep(every)
+async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 60.0) -> None:
+    """Poll a condition until it holds; fail after `within` seconds. Waits for outcomes, never for time."""
+    async with asyncio.timeout(within):
+        while not await check():  # noqa: ASYNC110 - the condition lives in another process
+            await asyncio.sleep(0.2)
 
 
 @asynccontextmanager
 async def service_process(database_url: str, **settings: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A `ledger-service serve` process on a free port; stopped with SIGINT (a graceful shutdown) at the end."""
     port = free_port()
     env = {
         **os.environ,
@@ -47,33 +44,33 @@ async def service_process(database_url: str, **settings: str) -> AsyncIterator[h
         "LEDGER_ADMIN_KEY": ADMIN_SECRET,
         **settings,
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ledger_service", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-
-            async def healthy() -> bool:
-                if process.poll() is not None:
-                    raise AssertionError(f"the service exited: {process.stderr.read() if process.stderr else ''}")
-                try:
-                    return (await client.get("/health")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await eventually(healthy)
-            yield client
-    finally:
-        process.send_signal(signal.SIGINT)
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a chatty child never blocks on a full pipe
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ledger_service", "serve", env=env, stdout=log, stderr=log
+        )
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+
+                async def healthy() -> bool:
+                    if process.returncode is not None:
+                        log.seek(0)
+                        raise AssertionError(f"the service exited:\n{log.read()}")
+                    try:
+                        return (await client.get("/health")).status_code == 200
+                    except httpx.TransportError:
+                        return False
+
+                await eventually(healthy)
+                yield client
+        finally:
+            if process.returncode is None:
+                process.send_signal(signal.SIGINT)
+            try:
+                async with asyncio.timeout(30):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
 
 
 async def test_two_processes_expire_every_hold_exactly_once(database_url: str) -> None:
@@ -96,7 +93,7 @@ async def test_two_processes_expire_every_hold_exactly_once(database_url: str) -
             await asyncio.gather(*(hold(one if i % 2 else two, i) for i in range(120)))
 
             async def all_expired() -> bool:
-                return await conn.fetchval("SELECT count(*) FROM requests WHERE status = 'open'") == 0
+                return bool(await conn.fetchval("SELECT count(*) FROM requests WHERE status = 'open'") == 0)
 
             await eventually(all_expired)
 
