@@ -7,6 +7,7 @@ modules; they never build SQL and never see HTTP.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Generic, TypeVar
@@ -86,7 +87,7 @@ def _body(command: msgspec.Struct) -> dict[str, Any]:
     return msgspec.to_builtins(command)  # type: ignore[no-any-return]
 
 
-def _priced(compute: Any, **kwargs: int) -> int:
+def _priced(compute: Callable[..., int], **kwargs: int) -> int:
     try:
         return int(compute(**kwargs))
     except AmountOutOfRange as error:
@@ -98,8 +99,10 @@ class LedgerService:
         self.engine = engine
         self.settings = settings
 
-    async def _transaction(self, work: Any) -> Any:
-        async def guarded(conn: AsyncConnection) -> Any:
+    async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run a write in one transaction; a lost race for an idempotency key re-runs it to find the winner."""
+
+        async def guarded(conn: AsyncConnection) -> T:
             try:
                 return await work(conn)
             except IntegrityError as error:
@@ -143,8 +146,7 @@ class LedgerService:
             assert entry_view is not None
             return Outcome(FundingView(entry=entry_view, user=await self._user(conn, command.user_id)))
 
-        result: Outcome[FundingView] = await self._transaction(work)
-        return result
+        return await self._transaction(work)
 
     # Tokens ----------------------------------------------------------------------------------------------------
 
@@ -176,8 +178,7 @@ class LedgerService:
             assert view is not None
             return Outcome(view, created=existing is None)
 
-        result: Outcome[TokenView] = await self._transaction(work)
-        return result
+        return await self._transaction(work)
 
     # The request lifecycle -------------------------------------------------------------------------------------
 
@@ -260,8 +261,7 @@ class LedgerService:
                 await journal.insert_entry(conn, draft)
             return Outcome(row.view())
 
-        result: Outcome[HoldView] = await self._transaction(work)
-        return result
+        return await self._transaction(work)
 
     async def settle(self, request_id: str, command: SettleCommand) -> Outcome[HoldView]:
         """Charge the real cost: release the hold, credit the channel, give back (or take) the difference."""
@@ -341,8 +341,7 @@ class LedgerService:
             )
             return Outcome(settled.view(), created=False)
 
-        result: Outcome[HoldView] = await self._transaction(work)
-        return result
+        return await self._transaction(work)
 
     async def refund(self, request_id: str, command: RefundCommand) -> Outcome[HoldView]:
         """Give the hold back after a failed upstream call."""
@@ -369,8 +368,7 @@ class LedgerService:
             )
             return Outcome(refunded.view(), created=False)
 
-        result: Outcome[HoldView] = await self._transaction(work)
-        return result
+        return await self._transaction(work)
 
     async def consume(self, command: ConsumptionCommand) -> Outcome[HoldView]:
         """Charge a call that had no hold (post-paid calls, images). No balance check: the usage happened."""
@@ -444,8 +442,7 @@ class LedgerService:
             await journal.insert_entry(conn, draft, charged=charge)
             return Outcome(row.view())
 
-        result: Outcome[HoldView] = await self._transaction(work)
-        return result
+        return await self._transaction(work)
 
     async def expire_due_holds(self, *, batch: int = 200) -> int:
         """Expire (refund, entry kind `expire`) open holds past expires_at; returns how many were expired.
@@ -498,8 +495,7 @@ class LedgerService:
             entries = await journal.entries_of_request(conn, request_id)
             return HoldDetailView(**msgspec.structs.asdict(row.view()), entries=entries)
 
-        result: HoldDetailView = await self._read(work)
-        return result
+        return await self._read(work)
 
     async def entry(self, entry_id: int) -> EntryView:
         async def work(conn: AsyncConnection) -> EntryView:
@@ -508,12 +504,10 @@ class LedgerService:
                 raise errors.EntryNotFound(f"no entry with id {entry_id}")
             return found
 
-        result: EntryView = await self._read(work)
-        return result
+        return await self._read(work)
 
     async def user(self, user_id: int) -> UserView:
-        result: UserView = await self._read(lambda conn: self._user(conn, user_id))
-        return result
+        return await self._read(lambda conn: self._user(conn, user_id))
 
     async def token(self, token_id: int) -> TokenView:
         async def work(conn: AsyncConnection) -> TokenView:
@@ -522,18 +516,16 @@ class LedgerService:
                 raise errors.TokenNotFound(f"token {token_id} is not registered")
             return view
 
-        result: TokenView = await self._read(work)
-        return result
+        return await self._read(work)
 
     async def channel(self, channel_id: int) -> ChannelView:
         async def work(conn: AsyncConnection) -> ChannelView:
             used, count = await journal.usage(conn, "channel", channel_id)
             return ChannelView(channel_id=channel_id, used=used, request_count=count)
 
-        result: ChannelView = await self._read(work)
-        return result
+        return await self._read(work)
 
-    async def _read(self, work: Any) -> Any:
+    async def _read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         # Several statements make up one view: read them from one snapshot so the numbers agree.
         return await run_transaction(self.engine, work, isolation_level="REPEATABLE READ")
 
