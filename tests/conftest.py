@@ -84,7 +84,8 @@ async def client(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
     Litestar's in-process test client handles one request at a time; a real server lets requests sent together
     really run together, each on its own pooled database connection.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio turns Nagle's algorithm off only for sockets that name TCP as their protocol.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
