@@ -279,6 +279,68 @@ class ApiKeyCreatedView(View):
     """The secret, shown this once; only its hash is stored."""
 
 
+class EntryPageView(View):
+    items: list[EntryView]
+    next_cursor: str | None
+    """The position after the last item; pass it back to continue, now or later (null: nothing listed yet)."""
+
+
+class AccountView(View):
+    address: str
+    balances: dict[str, int]
+    as_of: datetime
+
+
+class StatementLineView(View):
+    entry_id: int
+    kind: str
+    created_at: datetime
+    ledger: str
+    amount: int
+    balance_after: int
+
+
+class StatementPageView(View):
+    items: list[StatementLineView]
+    next_cursor: str | None
+
+
+class TrialBalanceLedgerView(View):
+    total: int
+    by_kind: dict[str, int]
+
+
+class TrialBalanceView(View):
+    as_of: datetime
+    ledgers: dict[str, TrialBalanceLedgerView]
+
+
+class ReconciliationCheckView(View):
+    name: str
+    ok: bool
+    detail: str
+    offenders: list[str]
+
+
+class ReconciliationView(View):
+    ok: bool
+    checked_at: datetime
+    checks: list[ReconciliationCheckView]
+
+
+class UsageRowView(View):
+    key: str
+    bucket_start: datetime | None
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    quota: int
+
+
+class UsageReportView(View):
+    rows: list[UsageRowView]
+
+
 class HealthView(View):
     status: str
     database: str

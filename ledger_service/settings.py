@@ -82,6 +82,10 @@ class Settings:
     snapshot_interval_seconds: int = 5
     """LEDGER_SNAPSHOT_INTERVAL_SECONDS: how often balance snapshots are refreshed in the background."""
 
+    snapshot_history_seconds: int = 3600
+    """LEDGER_SNAPSHOT_HISTORY_SECONDS: how often a snapshot refresh also keeps a history checkpoint, the starting
+    point of balances at past instants (`as_of`). Smaller: faster `as_of` reads, more rows kept. 0: every refresh."""
+
     sweep_interval_seconds: int = 5
     """LEDGER_SWEEP_INTERVAL_SECONDS: how often expired holds are looked for and refunded."""
 
@@ -110,6 +114,7 @@ class Settings:
             trust_factor=_int(env, "LEDGER_TRUST_FACTOR", 100, minimum=0, maximum=10**6),
             pre_consumed_quota=_int(env, "LEDGER_PRE_CONSUMED_QUOTA", 500, minimum=0, maximum=10**9),
             snapshot_interval_seconds=_int(env, "LEDGER_SNAPSHOT_INTERVAL_SECONDS", 5, minimum=1, maximum=86400),
+            snapshot_history_seconds=_int(env, "LEDGER_SNAPSHOT_HISTORY_SECONDS", 3600, minimum=0, maximum=10**7),
             sweep_interval_seconds=_int(env, "LEDGER_SWEEP_INTERVAL_SECONDS", 5, minimum=1, maximum=86400),
             pool_size=_int(env, "LEDGER_POOL_SIZE", 20, minimum=1, maximum=1000),
             workers=_int(env, "LEDGER_WORKERS", 1, minimum=1, maximum=64),

@@ -18,10 +18,12 @@ from ledger_service.api.controllers.entries import EntryController
 from ledger_service.api.controllers.funding import FundingController
 from ledger_service.api.controllers.health import HealthController
 from ledger_service.api.controllers.pricing import PricingController
+from ledger_service.api.controllers.reports import AccountsController, ReportsController
 from ledger_service.api.controllers.requests import ConsumptionController, HoldController
 from ledger_service.api.problems import handle_exception
 from ledger_service.db.engine import create_engine
 from ledger_service.services.api_keys import ApiKeyService
+from ledger_service.services.audit import AuditService
 from ledger_service.services.housekeeping import Housekeeping
 from ledger_service.services.ledger import LedgerService
 from ledger_service.services.pricing import PricingService
@@ -36,6 +38,11 @@ def provide_ledger(state: State) -> LedgerService:
 def provide_pricing(state: State) -> PricingService:
     pricing: PricingService = state.pricing
     return pricing
+
+
+def provide_audit(state: State) -> AuditService:
+    audit: AuditService = state.audit
+    return audit
 
 
 def provide_api_keys(state: State) -> ApiKeyService:
@@ -59,14 +66,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.ledger = ledger
         app.state.pricing = PricingService(engine)
         app.state.api_keys = ApiKeyService(engine)
+        audit = AuditService(engine, sweep_interval_seconds=settings.sweep_interval_seconds)
+        app.state.audit = audit
         if settings.admin_key:
             await app.state.api_keys.ensure(settings.admin_key)
-        housekeeping = Housekeeping(
-            engine,
-            ledger,
-            snapshot_seconds=settings.snapshot_interval_seconds,
-            sweep_seconds=settings.sweep_interval_seconds,
-        )
+        housekeeping = Housekeeping(engine, ledger, audit, settings)
         if settings.background_tasks:
             housekeeping.start()
         try:
@@ -86,6 +90,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             EntryController,
             PricingController,
             ApiKeyController,
+            AccountsController,
+            ReportsController,
         ],
     )
     return Litestar(
@@ -95,6 +101,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "ledger": Provide(provide_ledger, sync_to_thread=False),
             "prices": Provide(provide_pricing, sync_to_thread=False),
             "keys": Provide(provide_api_keys, sync_to_thread=False),
+            "audit": Provide(provide_audit, sync_to_thread=False),
         },
         exception_handlers={Exception: handle_exception},
         openapi_config=OpenAPIConfig(

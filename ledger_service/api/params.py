@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
+from datetime import datetime
 from typing import Any, TypeVar
 
 import msgspec
@@ -53,3 +55,36 @@ async def strict_body(request: Request[Any, Any, Any], body_type: type[T], *, wh
         return msgspec.json.decode(raw, type=body_type, strict=True)
     except (msgspec.ValidationError, msgspec.DecodeError) as error:
         raise errors.ValidationFailed(str(error)) from None
+
+
+def parse_limit(raw: str | None, *, default: int = 100, maximum: int = 1000) -> int:
+    if raw is None:
+        return default
+    if _DIGITS.match(raw) and 1 <= int(raw) <= maximum:
+        return int(raw)
+    raise errors.ValidationFailed(f"limit must be an integer between 1 and {maximum}")
+
+
+def parse_time(raw: str | None, name: str) -> datetime | None:
+    """An RFC 3339 timestamp with its offset (`2026-03-01T00:00:00Z`); naive times are refused."""
+    if raw is None:
+        return None
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        raise errors.ValidationFailed(f"{name} must be an RFC 3339 timestamp such as 2026-03-01T00:00:00Z") from None
+    if value.tzinfo is None:
+        raise errors.ValidationFailed(f"{name} must carry a UTC offset (Z or +hh:mm)")
+    return value
+
+
+def parse_choice(raw: str | None, name: str, choices: Collection[str], *, default: str | None = None) -> str:
+    if raw is None and default is not None:
+        return default
+    if raw is None or raw not in choices:
+        raise errors.ValidationFailed(f"{name} must be one of {', '.join(sorted(choices))}")
+    return raw
+
+
+def parse_optional_id(raw: str | None, name: str) -> int | None:
+    return None if raw is None else parse_id(raw, name)

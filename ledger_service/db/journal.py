@@ -101,9 +101,11 @@ _USAGE = {
           FROM (SELECT CAST(:subject AS text) AS subject) q
           LEFT JOIN usage_snapshots s ON s.subject = q.subject
           LEFT JOIN LATERAL (
-                SELECT sum(e.charged) AS used, count(*) AS requests
+                SELECT sum(e.charged) AS used,
+                       count(*) FILTER (WHERE e.kind <> 'reversal')
+                       - count(*) FILTER (WHERE e.kind = 'reversal') AS requests
                   FROM entries e
-                 WHERE e.{column} = :subject_id AND e.kind IN ('settle', 'consume')
+                 WHERE e.{column} = :subject_id AND e.charged IS NOT NULL
                    AND e.txid >= coalesce(s.horizon, '0'::xid8)
           ) d ON true
         """  # noqa: S608 - the column name comes from the fixed set below, never from input
@@ -113,20 +115,20 @@ _USAGE = {
 
 
 async def usage(conn: AsyncConnection, kind: str, subject_id: int) -> tuple[int, int]:
-    """(used, request_count) of a user, token or channel: its settle and consume entries, snapshot plus rest."""
+    """(used, request_count) of a user, token or channel: its charges net of reversals, snapshot plus the rest."""
     row = (
         await conn.execute(_USAGE[f"{kind}_id"], {"subject": f"{kind}:{subject_id}", "subject_id": subject_id})
     ).one()
     return int(row.used), int(row.request_count)
 
 
-_ENTRY_COLUMNS = """
+ENTRY_COLUMNS = """
     e.id, e.kind, e.request_id, e.user_id, e.token_id, e.channel_id, e.created_at, e.details, e.reverses,
     e.reference, e.hash, e.fingerprint
 """
 
 
-async def _with_postings(conn: AsyncConnection, rows: Sequence[RowMapping]) -> list[EntryView]:
+async def with_postings(conn: AsyncConnection, rows: Sequence[RowMapping]) -> list[EntryView]:
     ids = [row["id"] for row in rows]
     postings: dict[int, list[PostingView]] = {entry_id: [] for entry_id in ids}
     if ids:
@@ -164,25 +166,25 @@ async def entries_of_request(conn: AsyncConnection, request_id: str) -> list[Ent
     rows = (
         (
             await conn.execute(
-                text(f"SELECT {_ENTRY_COLUMNS} FROM entries e WHERE e.request_id = :request_id ORDER BY e.id"),  # noqa: S608
+                text(f"SELECT {ENTRY_COLUMNS} FROM entries e WHERE e.request_id = :request_id ORDER BY e.id"),  # noqa: S608
                 {"request_id": request_id},
             )
         )
         .mappings()
         .all()
     )
-    return await _with_postings(conn, rows)
+    return await with_postings(conn, rows)
 
 
 async def get_entry(conn: AsyncConnection, entry_id: int) -> EntryView | None:
     rows = (
         (
-            await conn.execute(text(f"SELECT {_ENTRY_COLUMNS} FROM entries e WHERE e.id = :id"), {"id": entry_id})  # noqa: S608
+            await conn.execute(text(f"SELECT {ENTRY_COLUMNS} FROM entries e WHERE e.id = :id"), {"id": entry_id})  # noqa: S608
         )
         .mappings()
         .all()
     )
-    found = await _with_postings(conn, rows)
+    found = await with_postings(conn, rows)
     return found[0] if found else None
 
 
@@ -191,7 +193,7 @@ async def entry_by_reference(conn: AsyncConnection, reference: str) -> tuple[Ent
     rows = (
         (
             await conn.execute(
-                text(f"SELECT {_ENTRY_COLUMNS} FROM entries e WHERE e.reference = :reference"),  # noqa: S608
+                text(f"SELECT {ENTRY_COLUMNS} FROM entries e WHERE e.reference = :reference"),  # noqa: S608
                 {"reference": reference},
             )
         )
@@ -201,4 +203,16 @@ async def entry_by_reference(conn: AsyncConnection, reference: str) -> tuple[Ent
     if not rows:
         return None
     fingerprint = rows[0]["fingerprint"]
-    return (await _with_postings(conn, rows))[0], None if fingerprint is None else bytes(fingerprint)
+    return (await with_postings(conn, rows))[0], None if fingerprint is None else bytes(fingerprint)
+
+
+async def reversal_of(conn: AsyncConnection, entry_id: int) -> int | None:
+    """The id of the entry that reverses `entry_id`, if any."""
+    found = await conn.scalar(text("SELECT id FROM entries WHERE reverses = :id"), {"id": entry_id})
+    return None if found is None else int(found)
+
+
+async def charge_of(conn: AsyncConnection, entry_id: int) -> int | None:
+    """What an entry charged (settle, consume), or None for entries that are not charges."""
+    found = await conn.scalar(text("SELECT charged FROM entries WHERE id = :id"), {"id": entry_id})
+    return None if found is None else int(found)

@@ -14,6 +14,10 @@ SNAPSHOT_LOCK = 0x4C45444745520001
 """Key of the lock that lets one snapshotter at a time refresh the snapshots ('LEDGER' + 1)."""
 
 
+SEAL_LOCK = 0x4C45444745520002
+"""Key of the lock that lets one sealer at a time extend the hash chain."""
+
+
 async def lock_user(conn: AsyncConnection, user_id: int) -> None:
     """Wait for, then hold until commit, the lock on the user's balance (and its tokens' allowances)."""
     await conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"user:{user_id}"})
@@ -21,3 +25,7 @@ async def lock_user(conn: AsyncConnection, user_id: int) -> None:
 
 async def try_lock_snapshots(conn: AsyncConnection) -> bool:
     return bool(await conn.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": SNAPSHOT_LOCK}))
+
+
+async def try_lock_sealing(conn: AsyncConnection) -> bool:
+    return bool(await conn.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": SEAL_LOCK}))

@@ -50,12 +50,14 @@ _BALANCE_DELTA = text(
 _USAGE_DELTA = text(
     """
     INSERT INTO usage_snapshots AS s (subject, used, request_count, horizon)
-    SELECT subject, sum(e.charged), count(*), CAST(:horizon AS xid8)
+    SELECT subject, sum(e.charged),
+           count(*) FILTER (WHERE e.kind <> 'reversal') - count(*) FILTER (WHERE e.kind = 'reversal'),
+           CAST(:horizon AS xid8)
       FROM entries e
      CROSS JOIN LATERAL (VALUES ('user:' || e.user_id), ('token:' || e.token_id), ('channel:' || e.channel_id))
            AS subjects(subject)
      WHERE e.txid >= CAST(:previous AS xid8) AND e.txid < CAST(:horizon AS xid8)
-       AND e.kind IN ('settle', 'consume')
+       AND e.charged IS NOT NULL
      GROUP BY subject
     ON CONFLICT (subject) DO UPDATE
        SET used = s.used + excluded.used,
@@ -64,31 +66,78 @@ _USAGE_DELTA = text(
     """
 )
 
+_KIND_DELTA = text(
+    """
+    INSERT INTO kind_snapshots AS s (ledger, kind, balance, horizon)
+    SELECT ledger, split_part(account, ':', 1), sum(amount), CAST(:horizon AS xid8)
+      FROM postings
+     WHERE txid >= CAST(:previous AS xid8) AND txid < CAST(:horizon AS xid8)
+     GROUP BY 1, 2
+    ON CONFLICT (ledger, kind) DO UPDATE SET balance = s.balance + excluded.balance, horizon = excluded.horizon
+    """
+)
 
-async def refresh(conn: AsyncConnection) -> SnapshotRun | None:
+_LAST_CHECKPOINT = text(
+    """
+    SELECT coalesce(max(horizon), '0')::text AS horizon,
+           coalesce(bool_and(taken_at > now() - make_interval(secs => :every)), false) AS recent
+      FROM snapshot_runs WHERE checkpoint AND id = (SELECT max(id) FROM snapshot_runs WHERE checkpoint)
+    """
+)
+
+_KEEP_HISTORY = text(
+    """
+    INSERT INTO balance_history (run_id, account, ledger, balance, horizon)
+    SELECT :run_id, account, ledger, balance, horizon
+      FROM balance_snapshots WHERE horizon > CAST(:since AS xid8)
+    """
+)
+
+
+async def refresh(conn: AsyncConnection, *, checkpoint_every: float = 3600.0) -> SnapshotRun | None:
     """Bring every snapshot up to the current horizon. None when another process holds the snapshot lock.
 
     Run it in READ COMMITTED: the lock is taken by the first statement, and every statement after it takes a
     fresh snapshot, so the previous horizon read here is the one the last refresh committed (under REPEATABLE
     READ the snapshot would date from before the lock was granted) and every transaction below the new horizon,
     all finished, is visible to the statements that sum them.
+
+    At most every `checkpoint_every` seconds the run is a checkpoint: the rows changed since the last checkpoint
+    are copied to balance_history, where balances at past instants start from.
     """
     if not await locks.try_lock_snapshots(conn):
         return None
-    horizon = int(await conn.scalar(text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")) or 0)
+    # Every transaction below the horizon started before this clock reading: a run's time bounds its contents.
+    now = (
+        await conn.execute(
+            text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS horizon, clock_timestamp() AS clock")
+        )
+    ).one()
+    horizon = int(now.horizon)
     previous = int(await conn.scalar(text("SELECT coalesce(max(horizon), '0')::text FROM snapshot_runs")) or 0)
     if horizon <= previous:
         return SnapshotRun(horizon=previous, accounts_changed=0, subjects_changed=0)
     params = {"previous": previous, "horizon": horizon}
     accounts_changed = (await conn.execute(_BALANCE_DELTA, params)).rowcount
     subjects_changed = (await conn.execute(_USAGE_DELTA, params)).rowcount
-    await conn.execute(
+    await conn.execute(_KIND_DELTA, params)
+    last = (await conn.execute(_LAST_CHECKPOINT, {"every": checkpoint_every})).one()
+    checkpoint = not last.recent
+    run_id = await conn.scalar(
         text(
-            "INSERT INTO snapshot_runs (horizon, accounts_changed, subjects_changed)"
-            " VALUES (CAST(:horizon AS xid8), :accounts, :subjects)"
+            "INSERT INTO snapshot_runs (horizon, taken_at, accounts_changed, subjects_changed, checkpoint)"
+            " VALUES (CAST(:horizon AS xid8), :taken_at, :accounts, :subjects, :checkpoint) RETURNING id"
         ),
-        {"horizon": horizon, "accounts": accounts_changed, "subjects": subjects_changed},
+        {
+            "horizon": horizon,
+            "taken_at": now.clock,
+            "accounts": accounts_changed,
+            "subjects": subjects_changed,
+            "checkpoint": checkpoint,
+        },
     )
+    if checkpoint:
+        await conn.execute(_KEEP_HISTORY, {"run_id": run_id, "since": int(last.horizon)})
     return SnapshotRun(horizon=horizon, accounts_changed=accounts_changed, subjects_changed=subjects_changed)
 
 

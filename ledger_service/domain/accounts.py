@@ -57,3 +57,28 @@ def kind_of(address: str) -> AccountKind | None:
         return AccountKind(kind)
     except ValueError:
         return None
+
+
+_LEDGERS_OF_KIND = {
+    AccountKind.USER: (Ledger.QUOTA,),
+    AccountKind.CHANNEL: (Ledger.QUOTA,),
+    AccountKind.TOKEN: (Ledger.ALLOWANCE,),
+    AccountKind.HOLD: (Ledger.QUOTA, Ledger.ALLOWANCE),
+}
+
+SYSTEM_ACCOUNTS = {ISSUANCE: (Ledger.QUOTA,), ALLOWANCE_POOL: (Ledger.ALLOWANCE,)}
+
+
+def ledgers_of(address: str) -> tuple[Ledger, ...] | None:
+    """The ledgers an address lives in, or None when it is not an address of the chart of accounts."""
+    if address in SYSTEM_ACCOUNTS:
+        return SYSTEM_ACCOUNTS[address]
+    kind = kind_of(address)
+    if kind is None or kind is AccountKind.SYSTEM:
+        return None
+    rest = address.partition(":")[2]
+    if kind is AccountKind.HOLD:
+        valid = 1 <= len(rest) <= 128 and all(c.isascii() and (c.isalnum() or c in "._:-") for c in rest)
+    else:
+        valid = rest.isascii() and rest.isdigit() and len(rest) <= 19 and 1 <= int(rest) <= 2**63 - 1 and rest[0] != "0"
+    return _LEDGERS_OF_KIND[kind] if valid else None

@@ -109,3 +109,8 @@ class Unavailable(LedgerError):
     code = "unavailable"
     status = 503
     title = "The database is unavailable; retry later"
+
+
+class EntryNotReversible(Conflict):
+    code = "entry_not_reversible"
+    title = "This entry cannot be reversed"

@@ -16,16 +16,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ledger_service.db import snapshots
 from ledger_service.db.snapshots import SnapshotRun
 from ledger_service.db.transactions import run_transaction
+from ledger_service.services.audit import AuditService
 from ledger_service.services.ledger import LedgerService
+from ledger_service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-async def refresh_snapshots(engine: AsyncEngine) -> SnapshotRun | None:
+async def refresh_snapshots(engine: AsyncEngine, *, checkpoint_every: float = 3600.0) -> SnapshotRun | None:
     """Materialize balances and usage up to the current horizon; None if another process is doing it."""
 
     async def work(conn: AsyncConnection) -> SnapshotRun | None:
-        return await snapshots.refresh(conn)
+        return await snapshots.refresh(conn, checkpoint_every=checkpoint_every)
 
     result: SnapshotRun | None = await run_transaction(engine, work)
     return result
@@ -46,19 +48,23 @@ async def _every(seconds: float, name: str, job: Callable[[], Awaitable[object]]
 class Housekeeping:
     """Starts and stops the periodic jobs of one process."""
 
-    def __init__(self, engine: AsyncEngine, ledger: LedgerService, *, snapshot_seconds: float, sweep_seconds: float):
+    def __init__(self, engine: AsyncEngine, ledger: LedgerService, audit: AuditService, settings: Settings) -> None:
         self.engine = engine
         self.ledger = ledger
-        self.snapshot_seconds = snapshot_seconds
-        self.sweep_seconds = sweep_seconds
+        self.audit = audit
+        self.settings = settings
         self._tasks: list[asyncio.Task[None]] = []
 
+    async def materialize(self) -> None:
+        """One round of the snapshotter: refresh the snapshots, then seal what has become final."""
+        await refresh_snapshots(self.engine, checkpoint_every=self.settings.snapshot_history_seconds)
+        await self.audit.seal()
+
     def start(self) -> None:
+        settings = self.settings
         self._tasks = [
-            asyncio.create_task(
-                _every(self.snapshot_seconds, "snapshot refresh", lambda: refresh_snapshots(self.engine))
-            ),
-            asyncio.create_task(_every(self.sweep_seconds, "expiry sweep", self.ledger.expire_due_holds)),
+            asyncio.create_task(_every(settings.snapshot_interval_seconds, "snapshot refresh", self.materialize)),
+            asyncio.create_task(_every(settings.sweep_interval_seconds, "expiry sweep", self.ledger.expire_due_holds)),
         ]
 
     async def stop(self) -> None:

@@ -27,14 +27,17 @@ from ledger_service.db.transactions import (
 )
 from ledger_service.domain import accounts, errors
 from ledger_service.domain.accounts import Ledger
+from ledger_service.domain.audit import check_reversible
 from ledger_service.domain.entries import (
     EntryDraft,
     EntryKind,
+    Posting,
     allowance_postings,
     direct_charge_postings,
     funding_postings,
     hold_postings,
     release_postings,
+    reversal_postings,
     settle_postings,
 )
 from ledger_service.domain.lifecycle import (
@@ -60,6 +63,7 @@ from ledger_service.schemas import (
     HoldDetailView,
     HoldView,
     RefundCommand,
+    ReverseCommand,
     SettleCommand,
     TokenCommand,
     TokenView,
@@ -70,7 +74,7 @@ from ledger_service.settings import Settings
 
 T = TypeVar("T")
 
-IDEMPOTENCY_CONSTRAINTS = frozenset({"requests_pkey", "entries_reference_key"})
+IDEMPOTENCY_CONSTRAINTS = frozenset({"requests_pkey", "entries_reference_key", "entries_reverses_key"})
 """Unique keys two concurrent first attempts can race for; the loser re-runs and finds the winner's row."""
 
 
@@ -441,6 +445,53 @@ class LedgerService:
             )
             await journal.insert_entry(conn, draft, charged=charge)
             return Outcome(row.view())
+
+        return await self._transaction(work)
+
+    async def reverse(self, entry_id: int, command: ReverseCommand) -> Outcome[EntryView]:
+        """Post the exact opposite of an entry (at most once, idempotent by reference)."""
+        digest = fingerprint("reversal", {"entry_id": entry_id, **_body(command)})
+
+        async def work(conn: AsyncConnection) -> Outcome[EntryView]:
+            existing = await journal.entry_by_reference(conn, command.reference)
+            if existing is not None:
+                entry, stored_digest = existing
+                if stored_digest != digest:
+                    raise errors.IdempotencyConflict(f"reference {command.reference!r} was used for another request")
+                return Outcome(entry, created=False, replayed=True)
+            original = await journal.get_entry(conn, entry_id)
+            if original is None:
+                raise errors.EntryNotFound(f"no entry with id {entry_id}")
+            check_reversible(original.kind, (p.account for p in original.postings))
+            if await journal.reversal_of(conn, entry_id) is not None:
+                raise errors.AlreadyReversed(f"entry {entry_id} is already reversed")
+            charged = await journal.charge_of(conn, entry_id)
+            details: dict[str, Any] = {"reverses_kind": original.kind}
+            if command.note is not None:
+                details["note"] = command.note
+            if charged is not None:  # a reversed charge takes its usage with it, for the usage report
+                details.update(
+                    model=original.details.get("model"),
+                    prompt_tokens=-int(original.details.get("prompt_tokens", 0)),
+                    completion_tokens=-int(original.details.get("completion_tokens", 0)),
+                )
+            draft = EntryDraft(
+                kind=EntryKind.REVERSAL,
+                postings=reversal_postings(Posting(Ledger(p.ledger), p.account, p.amount) for p in original.postings),
+                request_id=original.request_id,
+                user_id=original.user_id,
+                token_id=original.token_id,
+                channel_id=original.channel_id,
+                reference=command.reference,
+                reverses=entry_id,
+                details=details,
+            )
+            stored = await journal.insert_entry(
+                conn, draft, charged=None if charged is None else -charged, fingerprint=digest
+            )
+            created = await journal.get_entry(conn, stored.id)
+            assert created is not None
+            return Outcome(created)
 
         return await self._transaction(work)
 

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from ledger_service.db.scripts import run_script
+
 revision: str = "0001"
 down_revision: str | None = None
 branch_labels: Sequence[str] | None = None
@@ -258,29 +260,9 @@ DROP FUNCTION ledger_check_token_owner(), ledger_check_request_transition(), led
 """
 
 
-def statements(script: str) -> list[str]:
-    """Split a script at lines ending in `;` outside `$$` bodies (asyncpg prepares one statement at a time)."""
-    found: list[str] = []
-    current: list[str] = []
-    in_body = False
-    for line in script.splitlines():
-        if line.count("$$") % 2:
-            in_body = not in_body
-        current.append(line)
-        if not in_body and line.rstrip().endswith(";"):
-            found.append("\n".join(current).strip())
-            current = []
-    assert not "\n".join(current).strip(), "the script must end with a complete statement"
-    return found
-
-
 def upgrade() -> None:
-    bind = op.get_bind()
-    for statement in statements(UPGRADE):
-        bind.exec_driver_sql(statement)
+    run_script(op.get_bind(), UPGRADE)
 
 
 def downgrade() -> None:
-    bind = op.get_bind()
-    for statement in statements(DOWNGRADE):
-        bind.exec_driver_sql(statement)
+    run_script(op.get_bind(), DOWNGRADE)

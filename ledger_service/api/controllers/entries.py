@@ -1,21 +1,79 @@
-"""Journal entries, for auditors."""
+"""Journal entries, for auditors: the feed, single entries, and reversals."""
 
 from __future__ import annotations
 
-from litestar import Controller, get
+from typing import Annotated, Any
+
+from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+from litestar.response import Response
 
 from ledger_service.api import auth
-from ledger_service.api.params import parse_id
-from ledger_service.schemas import EntryView
+from ledger_service.api.controllers.responses import respond
+from ledger_service.api.params import (
+    parse_choice,
+    parse_id,
+    parse_key,
+    parse_limit,
+    parse_optional_id,
+    parse_time,
+    strict_body,
+)
+from ledger_service.db.audit import EntryFilter
+from ledger_service.domain.entries import EntryKind
+from ledger_service.schemas import EntryPageView, EntryView, ReverseCommand
+from ledger_service.services.audit import AuditService
 from ledger_service.services.ledger import LedgerService
+
+KINDS = frozenset(kind.value for kind in EntryKind)
 
 
 class EntryController(Controller):
     path = "/entries"
     tags = ["audit"]
 
+    @get("/", opt={"roles": auth.AUDIT_READ}, summary="The entry feed: final entries in the order they became final")
+    async def list_entries(
+        self,
+        audit: NamedDependency[AuditService],
+        request_id: FromQuery[str | None] = None,
+        user_id: FromQuery[str | None] = None,
+        token_id: FromQuery[str | None] = None,
+        channel_id: FromQuery[str | None] = None,
+        kind: FromQuery[str | None] = None,
+        created_from: Annotated[str | None, QueryParameter(name="from")] = None,
+        created_to: Annotated[str | None, QueryParameter(name="to")] = None,
+        cursor: FromQuery[str | None] = None,
+        limit: FromQuery[str | None] = None,
+    ) -> EntryPageView:
+        where = EntryFilter(
+            request_id=None if request_id is None else parse_key(request_id),
+            user_id=parse_optional_id(user_id, "user_id"),
+            token_id=parse_optional_id(token_id, "token_id"),
+            channel_id=parse_optional_id(channel_id, "channel_id"),
+            kind=None if kind is None else parse_choice(kind, "kind", KINDS),
+            created_from=parse_time(created_from, "from"),
+            created_to=parse_time(created_to, "to"),
+        )
+        return await audit.entries(where, cursor=cursor, limit=parse_limit(limit))
+
     @get("/{entry_id:str}", opt={"roles": auth.AUDIT_READ}, summary="One journal entry with its postings")
     async def entry(self, entry_id: FromPath[str], ledger: NamedDependency[LedgerService]) -> EntryView:
         return await ledger.entry(parse_id(entry_id, "entry_id"))
+
+    @post(
+        "/{entry_id:str}/reverse",
+        status_code=201,
+        opt={"roles": auth.ADMIN_ONLY},
+        summary="Post the exact opposite of an entry (once)",
+    )
+    async def reverse(
+        self,
+        request: Request[Any, Any, Any],
+        entry_id: FromPath[str],
+        data: JSONBody[ReverseCommand],
+        ledger: NamedDependency[LedgerService],
+    ) -> Response[EntryView]:
+        command = await strict_body(request, ReverseCommand)
+        return respond(await ledger.reverse(parse_id(entry_id, "entry_id"), command))

@@ -1,0 +1,88 @@
+"""Account balances and statements, and the finance reports."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Annotated
+
+from litestar import Controller, Request, get
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, QueryParameter
+from litestar.response import Response
+
+from ledger_service.api import auth
+from ledger_service.api.params import parse_choice, parse_limit, parse_time
+from ledger_service.db.audit import USAGE_BUCKETS, USAGE_KEYS
+from ledger_service.schemas import AccountView, ReconciliationView, StatementPageView, TrialBalanceView, UsageReportView
+from ledger_service.services.audit import AuditService
+
+CSV_COLUMNS = ("key", "bucket_start", "requests", "prompt_tokens", "completion_tokens", "quota")
+
+
+class AccountsController(Controller):
+    path = "/accounts"
+    tags = ["audit"]
+
+    @get("/{address:str}", opt={"roles": auth.AUDIT_READ}, summary="An account's balances, now or at a past instant")
+    async def account(
+        self, address: FromPath[str], audit: NamedDependency[AuditService], as_of: FromQuery[str | None] = None
+    ) -> AccountView:
+        return await audit.account(address, as_of=parse_time(as_of, "as_of"))
+
+    @get(
+        "/{address:str}/postings", opt={"roles": auth.AUDIT_READ}, summary="An account statement with running balances"
+    )
+    async def postings(
+        self,
+        address: FromPath[str],
+        audit: NamedDependency[AuditService],
+        cursor: FromQuery[str | None] = None,
+        limit: FromQuery[str | None] = None,
+    ) -> StatementPageView:
+        return await audit.statement(address, cursor=cursor, limit=parse_limit(limit))
+
+
+class ReportsController(Controller):
+    path = "/reports"
+    tags = ["reports"]
+
+    @get("/trial-balance", opt={"roles": auth.AUDIT_READ}, summary="Per ledger: the total (zero) and sums by kind")
+    async def trial_balance(
+        self, audit: NamedDependency[AuditService], as_of: FromQuery[str | None] = None
+    ) -> TrialBalanceView:
+        return await audit.trial_balance(as_of=parse_time(as_of, "as_of"))
+
+    @get("/reconciliation", opt={"roles": auth.AUDIT_READ}, summary="Recompute the books and list what disagrees")
+    async def reconciliation(self, audit: NamedDependency[AuditService]) -> ReconciliationView:
+        return await audit.reconcile()
+
+    @get(
+        "/usage",
+        opt={"roles": auth.AUDIT_READ},
+        summary="Charges grouped by channel, model, user or token, per hour, day or overall (JSON or CSV)",
+    )
+    async def usage(
+        self,
+        request: Request,  # type: ignore[type-arg]
+        audit: NamedDependency[AuditService],
+        group_by: FromQuery[str | None] = None,
+        bucket: FromQuery[str | None] = None,
+        created_from: Annotated[str | None, QueryParameter(name="from")] = None,
+        created_to: Annotated[str | None, QueryParameter(name="to")] = None,
+    ) -> Response[UsageReportView] | Response[str]:
+        report = await audit.usage(
+            group_by=parse_choice(group_by, "group_by", USAGE_KEYS, default="channel"),
+            bucket=parse_choice(bucket, "bucket", USAGE_BUCKETS, default="none"),
+            created_from=parse_time(created_from, "from"),
+            created_to=parse_time(created_to, "to"),
+        )
+        if "text/csv" not in request.headers.get("accept", ""):
+            return Response(report)
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for row in report.rows:
+            start = "" if row.bucket_start is None else row.bucket_start.isoformat()
+            writer.writerow([row.key, start, row.requests, row.prompt_tokens, row.completion_tokens, row.quota])
+        return Response(out.getvalue(), media_type="text/csv")
