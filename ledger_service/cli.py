@@ -11,7 +11,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from ledger_service.database import database_url, migrate
+from ledger_service.db.snapshots import SnapshotRun
+from ledger_service.schemas import ReconciliationView
 from ledger_service.settings import Settings, SettingsError
 
 T = TypeVar("T")
@@ -76,15 +80,52 @@ def cmd_create_key(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger_service.services.audit import AuditService
     from ledger_service.services.housekeeping import refresh_snapshots
 
+    async def run(engine: AsyncEngine) -> tuple[SnapshotRun | None, int]:
+        snapshot = await refresh_snapshots(engine, checkpoint_every=settings.snapshot_history_seconds)
+        sealed = await AuditService(engine, sweep_interval_seconds=settings.sweep_interval_seconds).seal()
+        return snapshot, sealed
+
     with database_url(settings.database_url, settings.data_dir) as url:
-        run = _run_with_engine(url, settings, refresh_snapshots)
-    if run is None:
+        snapshot, sealed = _run_with_engine(url, settings, run)
+    if snapshot is None:
         print("another process is refreshing the snapshots right now; nothing done")
-        return 0
-    print(f"snapshots at horizon {run.horizon}: {run.accounts_changed} accounts, {run.subjects_changed} usage subjects")
+    else:
+        print(
+            f"snapshots at horizon {snapshot.horizon}: {snapshot.accounts_changed} accounts,"
+            f" {snapshot.subjects_changed} usage subjects"
+        )
+    print(f"sealed {sealed} entries")
     return 0
+
+
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger_service.services.audit import AuditService
+
+    def progress(message: str) -> None:
+        print(f"  ... {message}", file=sys.stderr, flush=True)
+
+    async def run(engine: AsyncEngine) -> ReconciliationView:
+        return await AuditService(engine, sweep_interval_seconds=settings.sweep_interval_seconds).reconcile(progress)
+
+    with database_url(settings.database_url, settings.data_dir) as url:
+        report = _run_with_engine(url, settings, run)
+    print(render_reconciliation(report))
+    return 0 if report.ok else 1
+
+
+def render_reconciliation(report: ReconciliationView) -> str:
+    """The report as a table an operator can read at a glance, offenders listed under each failed check."""
+    width = max(len(check.name) for check in report.checks)
+    lines = [f"reconciliation at {report.checked_at.isoformat()}", ""]
+    for check in report.checks:
+        lines.append(f"  {check.name:<{width}}  {'ok' if check.ok else 'FAILED':<6}  {check.detail}")
+        lines.extend(f"  {'':<{width}}          - {offender}" for offender in check.offenders)
+    failed = sum(not check.ok for check in report.checks)
+    lines += ["", "the books reconcile" if report.ok else f"{failed} of {len(report.checks)} checks FAILED"]
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     key.set_defaults(handler=cmd_create_key)
 
     commands.add_parser("snapshot", help="materialize balance snapshots now").set_defaults(handler=cmd_snapshot)
+    commands.add_parser(
+        "reconcile", help="recompute the books and check everything derived from them (exit 1 on any failure)"
+    ).set_defaults(handler=cmd_reconcile)
     return parser
 
 
