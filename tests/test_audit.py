@@ -72,6 +72,7 @@ async def test_the_feed_pages_through_every_entry_once(ledger: Ledger) -> None:
 async def test_an_entry_that_commits_late_is_not_skipped_by_a_reader(ledger: Ledger, database_url: str) -> None:
     await ledger.fund(1, 1)
     seen, cursor = await follow(ledger, None)
+    assert len(seen) == 1
     slow = await asyncpg.connect(database_url)
     try:
         transaction = slow.transaction()
