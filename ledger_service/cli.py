@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger_service.database import database_url, migrate
 from ledger_service.db.snapshots import SnapshotRun
+from ledger_service.observability import configure_logging
 from ledger_service.schemas import ReconciliationView
 from ledger_service.settings import Settings, SettingsError
 
@@ -44,8 +45,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             migrate(url)
         # Workers (and the app factory in this process) read the URL from the environment.
         os.environ["LEDGER_DATABASE_URL"] = url
+        configure_logging(settings.log_format)
         uvicorn.run(
-            "ledger_service.api.app:create_app",
+            "ledger_service.api.app:serve_app",
             factory=True,
             host=host,
             port=port,
@@ -53,7 +55,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             loop="uvloop",
             http="httptools",
             log_level="info",
-            access_log=False,
+            log_config=None,  # ours (configure_logging): JSON lines, secrets redacted
+            access_log=False,  # ours (api/middleware.py) names the route and the key
         )
     return 0
 

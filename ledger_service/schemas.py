@@ -40,7 +40,14 @@ Name = Annotated[
         description="1-200 printable characters.",
     ),
 ]
-Note = Annotated[str, Meta(max_length=2000, description="Free text kept in the entry's details.")]
+Note = Annotated[
+    str,
+    Meta(
+        max_length=2000,
+        pattern=r"\A[^\x00]*\Z",
+        description="Free text kept in the entry's details (any Unicode but NUL, which PostgreSQL cannot store).",
+    ),
+]
 ExpiresIn = Annotated[int, Meta(ge=1, le=86400, description="Seconds until the hold expires, 1..86400.")]
 Ratio = Annotated[Decimal, Meta(description="A decimal ratio, as a JSON number or string; kept exactly.")]
 Role = Literal["admin", "relay", "auditor"]

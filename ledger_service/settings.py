@@ -29,6 +29,28 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maxim
     return value
 
 
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float, maximum: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if not minimum <= value <= maximum:  # also refuses nan
+        raise SettingsError(f"{name} must be between {minimum} and {maximum}, got {raw}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
@@ -95,6 +117,18 @@ class Settings:
     workers: int = 1
     """LEDGER_WORKERS: HTTP worker processes `serve` starts (each with its own pool)."""
 
+    max_body_bytes: int = 1_048_576
+    """LEDGER_MAX_BODY_BYTES: the largest request body accepted; larger ones get 413 (default 1 MiB)."""
+
+    rate_limit_per_second: float = 0.0
+    """LEDGER_RATE_LIMIT_PER_SECOND: requests per second each API key may make, per process; 0 turns it off."""
+
+    rate_limit_burst: int = 0
+    """LEDGER_RATE_LIMIT_BURST: requests a key may make at once above its rate (default: one second's worth)."""
+
+    log_format: str = "json"
+    """LEDGER_LOG_FORMAT: `json` (one object per line, for log pipelines) or `text` (for a terminal)."""
+
     background_tasks: bool = True
     """LEDGER_BACKGROUND_TASKS: run the snapshotter and the expiry sweeper in this process (default true)."""
 
@@ -118,5 +152,9 @@ class Settings:
             sweep_interval_seconds=_int(env, "LEDGER_SWEEP_INTERVAL_SECONDS", 5, minimum=1, maximum=86400),
             pool_size=_int(env, "LEDGER_POOL_SIZE", 20, minimum=1, maximum=1000),
             workers=_int(env, "LEDGER_WORKERS", 1, minimum=1, maximum=64),
+            max_body_bytes=_int(env, "LEDGER_MAX_BODY_BYTES", 1_048_576, minimum=1024, maximum=1 << 30),
+            rate_limit_per_second=_float(env, "LEDGER_RATE_LIMIT_PER_SECOND", 0.0, minimum=0.0, maximum=1e6),
+            rate_limit_burst=_int(env, "LEDGER_RATE_LIMIT_BURST", 0, minimum=0, maximum=10**6),
+            log_format=_choice(env, "LEDGER_LOG_FORMAT", "json", ("json", "text")),
             background_tasks=_bool(env, "LEDGER_BACKGROUND_TASKS", True),
         )

@@ -10,6 +10,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 
 from ledger_service.api.auth import require_role
 from ledger_service.api.controllers.accounts import AccountController
@@ -20,8 +21,11 @@ from ledger_service.api.controllers.health import HealthController
 from ledger_service.api.controllers.pricing import PricingController
 from ledger_service.api.controllers.reports import AccountsController, ReportsController
 from ledger_service.api.controllers.requests import ConsumptionController, HoldController
+from ledger_service.api.middleware import access_log_middleware, require_json_body
 from ledger_service.api.problems import handle_exception
+from ledger_service.api.ratelimit import RateLimiter
 from ledger_service.db.engine import create_engine
+from ledger_service.observability import configure_logging
 from ledger_service.services.api_keys import ApiKeyService
 from ledger_service.services.audit import AuditService
 from ledger_service.services.housekeeping import Housekeeping
@@ -50,6 +54,20 @@ def provide_api_keys(state: State) -> ApiKeyService:
     return keys
 
 
+class MetricsController(PrometheusController):
+    """GET /metrics in the Prometheus text format, without authentication (scrapers rarely carry keys): expose
+    it only where the scraper can reach it (docs/operations.md)."""
+
+    path = "/metrics"
+
+
+def serve_app() -> Litestar:
+    """The factory `ledger-service serve` runs in each worker: settings from the environment, JSON logs."""
+    settings = Settings.from_env()
+    configure_logging(settings.log_format)
+    return create_app(settings)
+
+
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the Litestar app. The database must already exist and be migrated (`ledger-service serve` does both)."""
     settings = settings or Settings.from_env()
@@ -66,6 +84,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.ledger = ledger
         app.state.pricing = PricingService(engine)
         app.state.api_keys = ApiKeyService(engine)
+        app.state.rate_limiter = (
+            RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+            if settings.rate_limit_per_second > 0
+            else None
+        )
         audit = AuditService(engine, sweep_interval_seconds=settings.sweep_interval_seconds)
         app.state.audit = audit
         if settings.admin_key:
@@ -82,6 +105,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     v1 = Router(
         path="/v1",
         guards=[require_role],
+        before_request=require_json_body,
         route_handlers=[
             HoldController,
             ConsumptionController,
@@ -94,8 +118,18 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ReportsController,
         ],
     )
+    prometheus = PrometheusConfig(
+        app_name="ledger",
+        prefix="ledger_http",
+        group_path=True,
+        exclude_unhandled_paths=True,
+        exclude=["/metrics"],
+    )
     return Litestar(
-        route_handlers=[HealthController, v1],
+        route_handlers=[HealthController, MetricsController, v1],
+        middleware=[access_log_middleware, prometheus.middleware],
+        request_max_body_size=settings.max_body_bytes,
+        logging_config=None,
         lifespan=[lifespan],
         dependencies={
             "ledger": Provide(provide_ledger, sync_to_thread=False),

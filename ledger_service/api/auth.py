@@ -6,12 +6,15 @@ the body is read, so an unauthenticated caller learns nothing about its input.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
+from ledger_service.api.ratelimit import RateLimiter
 from ledger_service.domain import errors
+from ledger_service.metrics import RATE_LIMITED
 from ledger_service.services.api_keys import ApiKeyService, Principal
 
 ADMIN = "admin"
@@ -42,12 +45,20 @@ async def require_role(connection: ASGIConnection[Any, Any, Any, Any], handler: 
     principal = await keys.authenticate(secret)
     if principal is None:
         raise errors.Unauthorized("the API key is unknown or revoked")
+    connection.state.principal = principal
+    limiter: RateLimiter | None = connection.app.state.rate_limiter
+    if limiter is not None:
+        wait = limiter.wait_for(principal.key_id)
+        if wait > 0:
+            RATE_LIMITED.inc()
+            raise errors.RateLimited(
+                "this API key is over its request rate", headers={"Retry-After": str(max(1, math.ceil(wait)))}
+            )
     allowed: frozenset[str] = handler.opt.get("roles", ADMIN_ONLY)
     if principal.role not in allowed:
         raise errors.Forbidden(
             f"the {principal.role} role may not call {connection.scope.get('method', '')} {connection.url.path}"
         )
-    connection.state.principal = principal
 
 
 def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:

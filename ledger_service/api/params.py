@@ -11,6 +11,7 @@ import msgspec
 from litestar import Request
 
 from ledger_service.domain import errors
+from ledger_service.observability import bind_request_id
 from ledger_service.schemas import MAX_ID
 
 T = TypeVar("T")
@@ -31,6 +32,8 @@ def parse_id(raw: str, name: str) -> int:
 def parse_key(raw: str, name: str = "request_id") -> str:
     if not _KEY.match(raw):
         raise errors.ValidationFailed(f"{name} must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+    if name == "request_id":
+        bind_request_id(raw)
     return raw
 
 
@@ -52,9 +55,13 @@ async def strict_body(request: Request[Any, Any, Any], body_type: type[T], *, wh
     if when_empty is not None and not raw.strip():
         return when_empty
     try:
-        return msgspec.json.decode(raw, type=body_type, strict=True)
+        command = msgspec.json.decode(raw, type=body_type, strict=True)
     except (msgspec.ValidationError, msgspec.DecodeError) as error:
         raise errors.ValidationFailed(str(error)) from None
+    request_id = getattr(command, "request_id", None)
+    if isinstance(request_id, str):
+        bind_request_id(request_id)
+    return command
 
 
 def parse_limit(raw: str | None, *, default: int = 100, maximum: int = 1000) -> int:

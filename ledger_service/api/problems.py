@@ -54,7 +54,7 @@ def _validation_detail(error: ValidationException) -> str:
 
 def handle_exception(request: Request[Any, Any, Any], error: Exception) -> Response[ProblemView]:
     if isinstance(error, LedgerError):
-        return problem(error.status, error.code, error.title, error.detail)
+        return problem(error.status, error.code, error.title, error.detail, error.headers)
     if isinstance(error, RecursionError):
         # Only request bodies nest arbitrarily deep; the JSON decoder gives up with a RecursionError.
         return problem(400, "validation_error", "Invalid request", "the JSON body is nested too deeply")

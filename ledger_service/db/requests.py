@@ -174,3 +174,14 @@ async def lock_due_holds(conn: AsyncConnection, *, limit: int) -> list[RequestRo
         {"limit": limit},
     )
     return [_row(m) for m in result.mappings()]
+
+
+async def overdue_seconds(conn: AsyncConnection) -> float:
+    """How long the most overdue open hold has been past its expiry; 0 when none is."""
+    found = await conn.scalar(
+        text(
+            "SELECT coalesce(extract(epoch FROM clock_timestamp() - min(expires_at)), 0) FROM requests"
+            " WHERE status = 'open' AND expires_at <= clock_timestamp()"
+        )
+    )
+    return float(found or 0)

@@ -144,3 +144,27 @@ async def refresh(conn: AsyncConnection, *, checkpoint_every: float = 3600.0) ->
 async def latest_run_at(conn: AsyncConnection) -> datetime | None:
     found = await conn.scalar(text("SELECT max(taken_at) FROM snapshot_runs"))
     return found if isinstance(found, datetime) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Ages:
+    snapshot_age_seconds: float
+    unsealed_entries: int
+
+
+async def ages(conn: AsyncConnection) -> Ages:
+    """How stale the materialized state is: time since the last refresh, entries not yet sealed."""
+    row = (
+        await conn.execute(
+            text(
+                """
+                SELECT coalesce(extract(epoch FROM clock_timestamp() - (SELECT max(taken_at) FROM snapshot_runs)), 0)
+                           AS age,
+                       (SELECT count(*) FROM entries e
+                         WHERE (e.txid, e.id) > coalesce((SELECT (last_txid, last_entry) FROM blocks
+                                                           ORDER BY id DESC LIMIT 1), ('0'::xid8, 0))) AS unsealed
+                """
+            )
+        )
+    ).one()
+    return Ages(snapshot_age_seconds=float(row.age), unsealed_entries=int(row.unsealed))

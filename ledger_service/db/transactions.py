@@ -73,6 +73,14 @@ def is_connection_error(error: BaseException) -> bool:
     return False
 
 
+_AFTER_COMMIT = "ledger_after_commit"
+
+
+def after_commit(conn: AsyncConnection, callback: Callable[[], None]) -> None:
+    """Run `callback` once the transaction `conn` is in has committed (never if it rolls back or is retried)."""
+    conn.info[_AFTER_COMMIT].append(callback)
+
+
 async def run_transaction(
     engine: AsyncEngine,
     work: Callable[[AsyncConnection], Awaitable[T]],
@@ -88,10 +96,17 @@ async def run_transaction(
         try:
             async with engine.connect() as conn:
                 await conn.execution_options(isolation_level=isolation_level)
-                async with conn.begin():
-                    result = await work(conn)
-                # Leaving `begin()` committed; a failing COMMIT raised above and nothing was acknowledged.
-                return result  # noqa: RET504 - committed when begin() exited, just above
+                callbacks: list[Callable[[], None]] = []
+                conn.info[_AFTER_COMMIT] = callbacks
+                try:
+                    async with conn.begin():
+                        result = await work(conn)
+                finally:
+                    del conn.info[_AFTER_COMMIT]
+            # Leaving `begin()` committed; a failing COMMIT raised above and nothing was acknowledged.
+            for callback in callbacks:
+                callback()
+            return result
         except RetryTransaction as error:
             if attempt == attempts:
                 raise DatabaseBusy(f"gave up after {attempts} attempts") from error

@@ -13,9 +13,11 @@ class LedgerError(Exception):
     status = 400
     title = "Request refused"
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.headers = headers
+        """Response headers the refusal needs (Retry-After)."""
 
 
 class ValidationFailed(LedgerError):
@@ -114,3 +116,15 @@ class Unavailable(LedgerError):
 class EntryNotReversible(Conflict):
     code = "entry_not_reversible"
     title = "This entry cannot be reversed"
+
+
+class UnsupportedMediaType(LedgerError):
+    code = "unsupported_media_type"
+    status = 415
+    title = "Request bodies must be JSON"
+
+
+class RateLimited(LedgerError):
+    code = "rate_limited"
+    status = 429
+    title = "Too many requests for this API key"

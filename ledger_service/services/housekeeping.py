@@ -13,7 +13,8 @@ from collections.abc import Awaitable, Callable
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ledger_service.db import snapshots
+from ledger_service import metrics
+from ledger_service.db import requests, snapshots
 from ledger_service.db.snapshots import SnapshotRun
 from ledger_service.db.transactions import run_transaction
 from ledger_service.services.audit import AuditService
@@ -41,6 +42,7 @@ async def _every(seconds: float, name: str, job: Callable[[], Awaitable[object]]
             raise
         except Exception:
             # A failed round (database restarting, say) is logged and tried again at the next interval.
+            metrics.BACKGROUND_FAILURES.labels(job=name).inc()
             log.exception("%s failed; retrying in %ss", name, seconds)
         await asyncio.sleep(seconds)
 
@@ -59,12 +61,20 @@ class Housekeeping:
         """One round of the snapshotter: refresh the snapshots, then seal what has become final."""
         await refresh_snapshots(self.engine, checkpoint_every=self.settings.snapshot_history_seconds)
         await self.audit.seal()
+        ages = await run_transaction(self.engine, snapshots.ages)
+        metrics.SNAPSHOT_AGE.set(ages.snapshot_age_seconds)
+        metrics.UNSEALED_ENTRIES.set(ages.unsealed_entries)
+
+    async def sweep(self) -> None:
+        """One round of the sweeper: expire what is due, then report how far behind the most overdue hold is."""
+        await self.ledger.expire_due_holds()
+        metrics.SWEEPER_LAG.set(await run_transaction(self.engine, requests.overdue_seconds))
 
     def start(self) -> None:
         settings = self.settings
         self._tasks = [
             asyncio.create_task(_every(settings.snapshot_interval_seconds, "snapshot refresh", self.materialize)),
-            asyncio.create_task(_every(settings.sweep_interval_seconds, "expiry sweep", self.ledger.expire_due_holds)),
+            asyncio.create_task(_every(settings.sweep_interval_seconds, "expiry sweep", self.sweep)),
         ]
 
     async def stop(self) -> None:

@@ -16,11 +16,13 @@ import msgspec
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ledger_service import metrics
 from ledger_service.db import journal, locks, pricing, requests, tokens
 from ledger_service.db.requests import RequestRow
 from ledger_service.db.transactions import (
     UNIQUE_VIOLATION,
     RetryTransaction,
+    after_commit,
     constraint_of,
     run_transaction,
     sqlstate_of,
@@ -237,6 +239,8 @@ class LedgerService:
                 request_fingerprint=digest,
                 expires_at=requests.now_plus(timedelta(seconds=expires_in)),
             )
+            trusted = "true" if decision.trusted else "false"
+            after_commit(conn, metrics.HOLDS_OPENED.labels(trusted=trusted).inc)
             if decision.amount:
                 details = {
                     "model": command.model,
@@ -291,7 +295,9 @@ class LedgerService:
             )
             if mode is SettleMode.EXPIRE_THEN_LATE:
                 await self._release(conn, row, EntryKind.EXPIRE, {"reason": "expired"})
+                after_commit(conn, metrics.HOLDS_EXPIRED.inc)
             late = mode is not SettleMode.SETTLE_HOLD
+            after_commit(conn, metrics.HOLDS_SETTLED.labels(late="true" if late else "false").inc)
             held = 0 if late else row.amount
             if held:
                 postings = settle_postings(
@@ -364,9 +370,11 @@ class LedgerService:
                 return Outcome(row.view(), created=False)
             if mode is RefundMode.EXPIRE:
                 await self._release(conn, row, EntryKind.EXPIRE, {"reason": "expired"})
+                after_commit(conn, metrics.HOLDS_EXPIRED.inc)
                 expired = await requests.resolve(conn, request_id, status=RequestStatus.EXPIRED.value)
                 return Outcome(expired.view(), created=False)
             await self._release(conn, row, EntryKind.REFUND, {"reason": command.reason})
+            after_commit(conn, metrics.HOLDS_REFUNDED.inc)
             refunded = await requests.resolve(
                 conn, request_id, status=RequestStatus.REFUNDED.value, refund_fingerprint=digest
             )
@@ -444,6 +452,7 @@ class LedgerService:
                 },
             )
             await journal.insert_entry(conn, draft, charged=charge)
+            after_commit(conn, metrics.CONSUMPTIONS.inc)
             return Outcome(row.view())
 
         return await self._transaction(work)
@@ -507,6 +516,8 @@ class LedgerService:
             for row in due:
                 await self._release(conn, row, EntryKind.EXPIRE, {"reason": "expired"})
                 await requests.resolve(conn, row.request_id, status=RequestStatus.EXPIRED.value)
+            if due:
+                after_commit(conn, lambda: metrics.HOLDS_EXPIRED.inc(len(due)))
             return len(due)
 
         total = 0

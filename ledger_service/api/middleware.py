@@ -1,0 +1,56 @@
+"""ASGI middleware: one structured access-log line per request, and the hook that requires JSON bodies."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from litestar import Request
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from ledger_service.domain import errors
+from ledger_service.observability import log_request, request_id_var
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def access_log_middleware(app: ASGIApp) -> ASGIApp:
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id_var.set(None)
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await app(scope, receive, capture)
+        finally:
+            principal = scope.get("state", {}).get("principal")
+            route = str(scope.get("path_template") or "unmatched")
+            log_request(str(scope.get("method", "")), route, status, started, getattr(principal, "key_id", None))
+
+    return middleware
+
+
+async def require_json_body(request: Request[Any, Any, Any]) -> None:
+    """Refuse a body that is not declared as JSON (415) before anything tries to parse it."""
+    if request.method not in _BODY_METHODS:
+        return
+    length = request.headers.get("content-length")
+    chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
+    if not chunked and (length is None or length.strip() == "0"):
+        return
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json")):
+        return
+    raise errors.UnsupportedMediaType(
+        f"the body was sent as {media_type or 'no content type'}; send JSON with Content-Type: application/json"
+    )

@@ -1,0 +1,22 @@
+"""Prometheus metrics of the ledger itself (HTTP request metrics come from Litestar's Prometheus middleware).
+
+Counters move only after the transaction that did the work has committed (see db/transactions.after_commit), so
+a rolled-back or retried attempt is never counted.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+HOLDS_OPENED = Counter("ledger_holds_opened_total", "Holds created (trusted ones included)", ["trusted"])
+HOLDS_SETTLED = Counter("ledger_holds_settled_total", "Holds settled", ["late"])
+HOLDS_REFUNDED = Counter("ledger_holds_refunded_total", "Holds refunded by a refund call")
+HOLDS_EXPIRED = Counter("ledger_holds_expired_total", "Holds expired (by the sweeper or the first call after expiry)")
+CONSUMPTIONS = Counter("ledger_consumptions_total", "Charges recorded without a hold")
+SWEEPER_LAG = Gauge(
+    "ledger_sweeper_lag_seconds", "How long the most overdue open hold has been past its expiry (0: none overdue)"
+)
+SNAPSHOT_AGE = Gauge("ledger_snapshot_age_seconds", "Time since the latest snapshot refresh (any process)")
+UNSEALED_ENTRIES = Gauge("ledger_unsealed_entries", "Entries not yet sealed into the hash chain")
+BACKGROUND_FAILURES = Counter("ledger_background_failures_total", "Failed rounds of a background job", ["job"])
+RATE_LIMITED = Counter("ledger_rate_limited_total", "Requests refused by the per-key rate limit")

