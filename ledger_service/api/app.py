@@ -10,6 +10,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 
 from ledger_service.api.auth import require_role
@@ -21,7 +22,7 @@ from ledger_service.api.controllers.health import HealthController
 from ledger_service.api.controllers.pricing import PricingController
 from ledger_service.api.controllers.reports import AccountsController, ReportsController
 from ledger_service.api.controllers.requests import ConsumptionController, HoldController
-from ledger_service.api.middleware import access_log_middleware, require_json_body
+from ledger_service.api.middleware import access_log_middleware, check_request
 from ledger_service.api.problems import handle_exception
 from ledger_service.api.ratelimit import RateLimiter
 from ledger_service.db.engine import create_engine
@@ -59,6 +60,7 @@ class MetricsController(PrometheusController):
     it only where the scraper can reach it (docs/operations.md)."""
 
     path = "/metrics"
+    include_in_schema = False
 
 
 def serve_app() -> Litestar:
@@ -105,7 +107,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     v1 = Router(
         path="/v1",
         guards=[require_role],
-        before_request=require_json_body,
+        security=[{"BearerAuth": []}],
+        before_request=check_request,
         route_handlers=[
             HoldController,
             ConsumptionController,
@@ -144,5 +147,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
             description="A double-entry ledger for LLM API relays. See docs/api.md.",
             path="/schema",
             render_plugins=[SwaggerRenderPlugin()],
+            components=Components(
+                security_schemes={
+                    "BearerAuth": SecurityScheme(
+                        type="http", scheme="bearer", description="An API key: `Authorization: Bearer <key>`"
+                    )
+                }
+            ),
         ),
     )

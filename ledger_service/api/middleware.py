@@ -40,8 +40,15 @@ def access_log_middleware(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
-async def require_json_body(request: Request[Any, Any, Any]) -> None:
-    """Refuse a body that is not declared as JSON (415) before anything tries to parse it."""
+async def check_request(request: Request[Any, Any, Any]) -> None:
+    """Before any parsing: refuse query parameters the route does not take (400), and bodies not sent as JSON (415).
+
+    Routes list the query parameters they take in `opt["query"]`; an unknown one is refused like an unknown field
+    of a body, rather than silently ignored (a misspelt filter would otherwise widen an audit query unnoticed).
+    """
+    unknown = set(request.query_params.keys()) - request.route_handler.opt.get("query", frozenset())
+    if unknown:
+        raise errors.ValidationFailed(f"unknown query parameters: {', '.join(sorted(unknown))}")
     if request.method not in _BODY_METHODS:
         return
     length = request.headers.get("content-length")

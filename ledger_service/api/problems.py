@@ -7,6 +7,7 @@ from typing import Any
 
 from litestar import MediaType, Request
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.response import Response
 
 from ledger_service.db.transactions import DatabaseUnavailable, is_connection_error
@@ -30,6 +31,43 @@ _CODES_BY_STATUS = {
     429: "rate_limited",
     503: "unavailable",
 }
+
+
+def _problem_response(description: str) -> ResponseSpec:
+    return ResponseSpec(
+        data_container=ProblemView, description=description, media_type=PROBLEM_JSON, generate_examples=False
+    )
+
+
+PROBLEMS: dict[int, ResponseSpec] = {
+    400: _problem_response("Invalid input (code validation_error); nothing was written"),
+    401: _problem_response("Missing, unknown or revoked API key (code unauthorized)"),
+    403: _problem_response(
+        "Wrong role (forbidden), or not enough quota (insufficient_user_quota, insufficient_token_quota)"
+    ),
+    404: _problem_response("No such hold, token, entry or key"),
+    409: _problem_response("Conflicts with the current state or an earlier use of the idempotency key"),
+    413: _problem_response("The body is larger than LEDGER_MAX_BODY_BYTES"),
+    415: _problem_response("The body is not declared as JSON"),
+    429: _problem_response("This API key is over its rate limit; see Retry-After"),
+    503: _problem_response("The database is unavailable or busy; retry after Retry-After"),
+}
+"""Every problem a /v1 route can answer with, for the OpenAPI schema."""
+
+
+def replayed(view: type) -> dict[int, ResponseSpec]:
+    """PROBLEMS plus the 200 of a replayed create (an idempotent repeat of the same call)."""
+    spec = ResponseSpec(
+        data_container=view,
+        description="The same call again: the original result, with `Idempotent-Replayed: true`",
+        generate_examples=False,
+    )
+    return {**PROBLEMS, 200: spec}
+
+
+def created(view: type) -> dict[int, ResponseSpec]:
+    """PROBLEMS plus the 201 of a PUT that created what it names (200 when it updated it)."""
+    return {**PROBLEMS, 201: ResponseSpec(data_container=view, description="Created", generate_examples=False)}
 
 
 def problem(

@@ -64,7 +64,7 @@ async def list_entries(
         (
             await conn.execute(
                 text(
-                    f"SELECT {journal.ENTRY_COLUMNS}, e.txid::text AS txid FROM entries e"  # noqa: S608 - fixed clauses
+                    f"SELECT {journal.ENTRY_COLUMNS}, e.txid::text AS txid_text FROM entries e"  # noqa: S608 - fixed clauses
                     f" WHERE {' AND '.join(clauses)} ORDER BY e.txid, e.id LIMIT :limit"
                 ),
                 params,
@@ -74,7 +74,7 @@ async def list_entries(
         .all()
     )
     views = await journal.with_postings(conn, rows)
-    return [(FeedPosition(int(row["txid"]), row["id"]), view) for row, view in zip(rows, views, strict=True)]
+    return [(FeedPosition(int(row["txid_text"]), row["id"]), view) for row, view in zip(rows, views, strict=True)]
 
 
 # Statements and balances at past instants ----------------------------------------------------------------------
@@ -93,13 +93,13 @@ class StatementLine:
 
 _BASE_BEFORE = text(
     """
-    SELECT balance, horizon::text AS horizon FROM (
+    SELECT balance, horizon::text AS horizon_text FROM (
         SELECT balance, horizon FROM balance_snapshots WHERE account = :account AND ledger = :ledger
         UNION ALL
         SELECT balance, horizon FROM balance_history WHERE account = :account AND ledger = :ledger
     ) candidates
-    WHERE horizon <= CAST(:txid AS xid8)
-    ORDER BY horizon DESC LIMIT 1
+    WHERE candidates.horizon <= CAST(:txid AS xid8)
+    ORDER BY candidates.horizon DESC LIMIT 1
     """
 )
 
@@ -113,7 +113,7 @@ _SUM_BETWEEN = text(
 
 _STATEMENT_PAGE = text(
     """
-    SELECT p.txid::text AS txid, p.entry_id, p.ledger, p.amount, e.kind, e.created_at
+    SELECT p.txid::text AS txid_text, p.entry_id, p.ledger, p.amount, e.kind, e.created_at
       FROM postings p JOIN entries e ON e.id = p.entry_id
      WHERE p.account = :account AND p.txid < CAST(:horizon AS xid8)
        AND (p.txid, p.entry_id) > (CAST(:txid AS xid8), :entry_id)
@@ -131,7 +131,7 @@ async def balance_through(conn: AsyncConnection, account: str, ledger: str, posi
     """
     params = {"account": account, "ledger": ledger, "txid": position.txid}
     base = (await conn.execute(_BASE_BEFORE, params)).first()
-    start, base_horizon = (int(base.balance), int(base.horizon)) if base is not None else (0, 0)
+    start, base_horizon = (int(base.balance), int(base.horizon_text)) if base is not None else (0, 0)
     rest = await conn.scalar(_SUM_BETWEEN, {**params, "base": base_horizon, "entry_id": position.entry_id})
     return start + int(rest or 0)
 
@@ -161,7 +161,7 @@ async def statement(
         running[row.ledger] += row.amount
         lines.append(
             StatementLine(
-                position=FeedPosition(int(row.txid), row.entry_id),
+                position=FeedPosition(int(row.txid_text), row.entry_id),
                 entry_id=row.entry_id,
                 kind=row.kind,
                 created_at=row.created_at,
@@ -175,7 +175,7 @@ async def statement(
 
 _CHECKPOINT_BEFORE = text(
     """
-    SELECT h.balance, h.horizon::text AS horizon
+    SELECT h.balance, h.horizon::text AS horizon_text
       FROM balance_history h JOIN snapshot_runs r ON r.id = h.run_id
      WHERE h.account = :account AND h.ledger = :ledger AND r.taken_at <= :as_of
      ORDER BY r.id DESC LIMIT 1
@@ -199,7 +199,7 @@ async def balance_as_of(conn: AsyncConnection, account: str, ledger: Ledger, as_
     """
     params: dict[str, Any] = {"account": account, "ledger": str(ledger), "as_of": as_of}
     base = (await conn.execute(_CHECKPOINT_BEFORE, params)).first()
-    start, base_horizon = (int(base.balance), int(base.horizon)) if base is not None else (0, 0)
+    start, base_horizon = (int(base.balance), int(base.horizon_text)) if base is not None else (0, 0)
     rest = await conn.scalar(_CREATED_SINCE, {**params, "base": base_horizon})
     return start + int(rest or 0)
 
@@ -291,13 +291,13 @@ async def entries_to_seal(
     after = after or FeedPosition(0, 0)
     rows = await conn.execute(
         text(
-            "SELECT id, txid::text AS txid, created_at, hash FROM entries"
-            " WHERE txid < CAST(:horizon AS xid8) AND (txid, id) > (CAST(:txid AS xid8), :entry_id)"
-            " ORDER BY txid, id LIMIT :limit"
+            "SELECT e.id, e.txid::text AS txid_text, e.created_at, e.hash FROM entries e"
+            " WHERE e.txid < CAST(:horizon AS xid8) AND (e.txid, e.id) > (CAST(:txid AS xid8), :entry_id)"
+            " ORDER BY e.txid, e.id LIMIT :limit"
         ),
         {"horizon": horizon, "txid": after.txid, "entry_id": after.entry_id, "limit": limit},
     )
-    return [SealedEntry(FeedPosition(int(r.txid), r.id), r.created_at, bytes(r.hash)) for r in rows]
+    return [SealedEntry(FeedPosition(int(r.txid_text), r.id), r.created_at, bytes(r.hash)) for r in rows]
 
 
 async def insert_block(

@@ -192,7 +192,7 @@ class JournalEntry:
 
 _ENTRY_BATCH = text(
     """
-    SELECT e.id, e.txid::text AS txid, e.created_at, e.hash, e.kind, e.request_id, e.user_id, e.token_id,
+    SELECT e.id, e.txid::text AS txid_text, e.created_at, e.hash, e.kind, e.request_id, e.user_id, e.token_id,
            e.channel_id, e.reference, e.reverses, e.details,
            coalesce(json_agg(json_build_array(p.ledger, p.account, p.amount))
                     FILTER (WHERE p.entry_id IS NOT NULL), '[]') AS postings
@@ -228,6 +228,8 @@ async def journal_in_feed_order(conn: AsyncConnection, *, batch: int = 2000) -> 
                 details=row.details,
                 postings=[Posting(Ledger(ledger), account, amount) for ledger, account, amount in postings],
             )
-            found.append(JournalEntry(FeedPosition(int(row.txid), row.id), row.created_at, bytes(row.hash), computed))
+            found.append(
+                JournalEntry(FeedPosition(int(row.txid_text), row.id), row.created_at, bytes(row.hash), computed)
+            )
         yield found
         after = found[-1].position

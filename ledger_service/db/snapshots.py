@@ -79,7 +79,7 @@ _KIND_DELTA = text(
 
 _LAST_CHECKPOINT = text(
     """
-    SELECT coalesce(max(horizon), '0')::text AS horizon,
+    SELECT coalesce(max(horizon), '0')::text AS horizon_text,
            coalesce(bool_and(taken_at > now() - make_interval(secs => :every)), false) AS recent
       FROM snapshot_runs WHERE checkpoint AND id = (SELECT max(id) FROM snapshot_runs WHERE checkpoint)
     """
@@ -110,10 +110,10 @@ async def refresh(conn: AsyncConnection, *, checkpoint_every: float = 3600.0) ->
     # Every transaction below the horizon started before this clock reading: a run's time bounds its contents.
     now = (
         await conn.execute(
-            text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS horizon, clock_timestamp() AS clock")
+            text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS horizon_text, clock_timestamp() AS clock")
         )
     ).one()
-    horizon = int(now.horizon)
+    horizon = int(now.horizon_text)
     previous = int(await conn.scalar(text("SELECT coalesce(max(horizon), '0')::text FROM snapshot_runs")) or 0)
     if horizon <= previous:
         return SnapshotRun(horizon=previous, accounts_changed=0, subjects_changed=0)
@@ -137,7 +137,7 @@ async def refresh(conn: AsyncConnection, *, checkpoint_every: float = 3600.0) ->
         },
     )
     if checkpoint:
-        await conn.execute(_KEEP_HISTORY, {"run_id": run_id, "since": int(last.horizon)})
+        await conn.execute(_KEEP_HISTORY, {"run_id": run_id, "since": int(last.horizon_text)})
     return SnapshotRun(horizon=horizon, accounts_changed=accounts_changed, subjects_changed=subjects_changed)
 
 

@@ -10,6 +10,7 @@ from litestar.params import FromPath, JSONBody
 
 from ledger_service.api import auth
 from ledger_service.api.params import parse_id, strict_body
+from ledger_service.api.problems import PROBLEMS
 from ledger_service.schemas import ApiKeyCommand, ApiKeyCreatedView, ApiKeyListView
 from ledger_service.services.api_keys import ApiKeyService
 
@@ -18,16 +19,24 @@ class ApiKeyController(Controller):
     path = "/api-keys"
     tags = ["access"]
 
-    @post("/", status_code=201, opt={"roles": auth.ADMIN_ONLY}, summary="Create a key; the secret is shown once")
+    @post(
+        "/",
+        status_code=201,
+        opt={"roles": auth.ADMIN_ONLY},
+        responses=PROBLEMS,
+        summary="Create a key; the secret is shown once",
+    )
     async def create(
         self, request: Request[Any, Any, Any], data: JSONBody[ApiKeyCommand], keys: NamedDependency[ApiKeyService]
     ) -> ApiKeyCreatedView:
         return await keys.create(await strict_body(request, ApiKeyCommand))
 
-    @get("/", opt={"roles": auth.ADMIN_ONLY}, summary="Every key (never the secrets)")
+    @get("/", opt={"roles": auth.ADMIN_ONLY}, responses=PROBLEMS, summary="Every key (never the secrets)")
     async def list_keys(self, keys: NamedDependency[ApiKeyService]) -> ApiKeyListView:
         return ApiKeyListView(items=await keys.list())
 
-    @delete("/{key_id:str}", status_code=204, opt={"roles": auth.ADMIN_ONLY}, summary="Revoke a key")
+    @delete(
+        "/{key_id:str}", status_code=204, opt={"roles": auth.ADMIN_ONLY}, responses=PROBLEMS, summary="Revoke a key"
+    )
     async def revoke(self, key_id: FromPath[str], keys: NamedDependency[ApiKeyService]) -> None:
         await keys.revoke(parse_id(key_id, "key_id"))

@@ -20,6 +20,7 @@ from ledger_service.api.params import (
     parse_time,
     strict_body,
 )
+from ledger_service.api.problems import PROBLEMS, replayed
 from ledger_service.db.audit import EntryFilter
 from ledger_service.domain.entries import EntryKind
 from ledger_service.schemas import EntryPageView, EntryView, ReverseCommand
@@ -27,13 +28,19 @@ from ledger_service.services.audit import AuditService
 from ledger_service.services.ledger import LedgerService
 
 KINDS = frozenset(kind.value for kind in EntryKind)
+FEED_QUERY = frozenset({"request_id", "user_id", "token_id", "channel_id", "kind", "from", "to", "cursor", "limit"})
 
 
 class EntryController(Controller):
     path = "/entries"
     tags = ["audit"]
 
-    @get("/", opt={"roles": auth.AUDIT_READ}, summary="The entry feed: final entries in the order they became final")
+    @get(
+        "/",
+        opt={"roles": auth.AUDIT_READ, "query": FEED_QUERY},
+        responses=PROBLEMS,
+        summary="The entry feed: final entries in the order they became final",
+    )
     async def list_entries(
         self,
         audit: NamedDependency[AuditService],
@@ -58,7 +65,12 @@ class EntryController(Controller):
         )
         return await audit.entries(where, cursor=cursor, limit=parse_limit(limit))
 
-    @get("/{entry_id:str}", opt={"roles": auth.AUDIT_READ}, summary="One journal entry with its postings")
+    @get(
+        "/{entry_id:str}",
+        opt={"roles": auth.AUDIT_READ},
+        responses=PROBLEMS,
+        summary="One journal entry with its postings",
+    )
     async def entry(self, entry_id: FromPath[str], ledger: NamedDependency[LedgerService]) -> EntryView:
         return await ledger.entry(parse_id(entry_id, "entry_id"))
 
@@ -66,6 +78,7 @@ class EntryController(Controller):
         "/{entry_id:str}/reverse",
         status_code=201,
         opt={"roles": auth.ADMIN_ONLY},
+        responses=replayed(EntryView),
         summary="Post the exact opposite of an entry (once)",
     )
     async def reverse(

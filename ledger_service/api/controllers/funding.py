@@ -12,6 +12,7 @@ from litestar.response import Response
 from ledger_service.api import auth
 from ledger_service.api.controllers.responses import respond
 from ledger_service.api.params import parse_id, strict_body
+from ledger_service.api.problems import created, replayed
 from ledger_service.schemas import AdjustmentCommand, FundingView, TokenCommand, TokenView, TopupCommand
 from ledger_service.services.ledger import LedgerService
 
@@ -20,7 +21,13 @@ class FundingController(Controller):
     path = "/"
     tags = ["funding"]
 
-    @post("/topups", status_code=201, opt={"roles": auth.ADMIN_ONLY}, summary="Credit a user's quota")
+    @post(
+        "/topups",
+        status_code=201,
+        opt={"roles": auth.ADMIN_ONLY},
+        responses=replayed(FundingView),
+        summary="Credit a user's quota",
+    )
     async def topup(
         self, request: Request[Any, Any, Any], data: JSONBody[TopupCommand], ledger: NamedDependency[LedgerService]
     ) -> Response[FundingView]:
@@ -30,6 +37,7 @@ class FundingController(Controller):
         "/adjustments",
         status_code=201,
         opt={"roles": auth.ADMIN_ONLY},
+        responses=replayed(FundingView),
         summary="Correct a user's quota (signed)",
     )
     async def adjust(
@@ -41,6 +49,7 @@ class FundingController(Controller):
         "/tokens/{token_id:str}",
         status_code=200,
         opt={"roles": auth.RELAY_WRITE},
+        responses=created(TokenView),
         summary="Register a token or set its allowance",
     )
     async def set_token(

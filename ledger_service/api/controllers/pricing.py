@@ -11,6 +11,7 @@ from litestar.response import Response
 
 from ledger_service.api import auth
 from ledger_service.api.params import parse_name, strict_body
+from ledger_service.api.problems import PROBLEMS, created
 from ledger_service.schemas import (
     GroupRatioCommand,
     GroupRatioView,
@@ -25,7 +26,9 @@ class PricingController(Controller):
     path = "/pricing"
     tags = ["pricing"]
 
-    @get("/", opt={"roles": auth.READ_ALL}, summary="Every model price, group ratio and the defaults")
+    @get(
+        "/", opt={"roles": auth.READ_ALL}, responses=PROBLEMS, summary="Every model price, group ratio and the defaults"
+    )
     async def pricing(self, prices: NamedDependency[PricingService]) -> PricingView:
         return await prices.pricing()
 
@@ -33,6 +36,7 @@ class PricingController(Controller):
         "/models/{model:path}",
         status_code=200,
         opt={"roles": auth.ADMIN_ONLY},
+        responses=created(ModelPriceView),
         summary="Set a model's ratios (new requests only)",
     )
     async def set_model(
@@ -50,6 +54,7 @@ class PricingController(Controller):
         "/groups/{group:str}",
         status_code=200,
         opt={"roles": auth.ADMIN_ONLY},
+        responses=created(GroupRatioView),
         summary="Set a group's ratio (new requests only)",
     )
     async def set_group(

@@ -13,6 +13,7 @@ from litestar.response import Response
 
 from ledger_service.api import auth
 from ledger_service.api.params import parse_choice, parse_limit, parse_time
+from ledger_service.api.problems import PROBLEMS
 from ledger_service.db.audit import USAGE_BUCKETS, USAGE_KEYS
 from ledger_service.schemas import AccountView, ReconciliationView, StatementPageView, TrialBalanceView, UsageReportView
 from ledger_service.services.audit import AuditService
@@ -24,14 +25,22 @@ class AccountsController(Controller):
     path = "/accounts"
     tags = ["audit"]
 
-    @get("/{address:str}", opt={"roles": auth.AUDIT_READ}, summary="An account's balances, now or at a past instant")
+    @get(
+        "/{address:str}",
+        opt={"roles": auth.AUDIT_READ, "query": frozenset({"as_of"})},
+        responses=PROBLEMS,
+        summary="An account's balances, now or at a past instant",
+    )
     async def account(
         self, address: FromPath[str], audit: NamedDependency[AuditService], as_of: FromQuery[str | None] = None
     ) -> AccountView:
         return await audit.account(address, as_of=parse_time(as_of, "as_of"))
 
     @get(
-        "/{address:str}/postings", opt={"roles": auth.AUDIT_READ}, summary="An account statement with running balances"
+        "/{address:str}/postings",
+        opt={"roles": auth.AUDIT_READ, "query": frozenset({"cursor", "limit"})},
+        responses=PROBLEMS,
+        summary="An account statement with running balances",
     )
     async def postings(
         self,
@@ -47,19 +56,30 @@ class ReportsController(Controller):
     path = "/reports"
     tags = ["reports"]
 
-    @get("/trial-balance", opt={"roles": auth.AUDIT_READ}, summary="Per ledger: the total (zero) and sums by kind")
+    @get(
+        "/trial-balance",
+        opt={"roles": auth.AUDIT_READ, "query": frozenset({"as_of"})},
+        responses=PROBLEMS,
+        summary="Per ledger: the total (zero) and sums by kind",
+    )
     async def trial_balance(
         self, audit: NamedDependency[AuditService], as_of: FromQuery[str | None] = None
     ) -> TrialBalanceView:
         return await audit.trial_balance(as_of=parse_time(as_of, "as_of"))
 
-    @get("/reconciliation", opt={"roles": auth.AUDIT_READ}, summary="Recompute the books and list what disagrees")
+    @get(
+        "/reconciliation",
+        opt={"roles": auth.AUDIT_READ},
+        responses=PROBLEMS,
+        summary="Recompute the books and list what disagrees",
+    )
     async def reconciliation(self, audit: NamedDependency[AuditService]) -> ReconciliationView:
         return await audit.reconcile()
 
     @get(
         "/usage",
-        opt={"roles": auth.AUDIT_READ},
+        opt={"roles": auth.AUDIT_READ, "query": frozenset({"group_by", "bucket", "from", "to"})},
+        responses=PROBLEMS,
         summary="Charges grouped by channel, model, user or token, per hour, day or overall (JSON or CSV)",
     )
     async def usage(

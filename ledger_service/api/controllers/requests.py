@@ -12,6 +12,7 @@ from litestar.response import Response
 from ledger_service.api import auth
 from ledger_service.api.controllers.responses import respond
 from ledger_service.api.params import parse_key, strict_body
+from ledger_service.api.problems import PROBLEMS, replayed
 from ledger_service.schemas import (
     ConsumptionCommand,
     HoldCommand,
@@ -31,6 +32,7 @@ class HoldController(Controller):
         "/",
         status_code=201,
         opt={"roles": auth.RELAY_WRITE},
+        responses=replayed(HoldView),
         summary="Hold the estimate before an upstream call",
     )
     async def open_hold(
@@ -38,7 +40,12 @@ class HoldController(Controller):
     ) -> Response[HoldView]:
         return respond(await ledger.open_hold(await strict_body(request, HoldCommand)))
 
-    @get("/{request_id:str}", opt={"roles": auth.READ_ALL}, summary="A hold with every entry of its request")
+    @get(
+        "/{request_id:str}",
+        opt={"roles": auth.READ_ALL},
+        responses=PROBLEMS,
+        summary="A hold with every entry of its request",
+    )
     async def get_hold(self, request_id: FromPath[str], ledger: NamedDependency[LedgerService]) -> HoldDetailView:
         return await ledger.hold(parse_key(request_id))
 
@@ -46,6 +53,7 @@ class HoldController(Controller):
         "/{request_id:str}/settle",
         status_code=200,
         opt={"roles": auth.RELAY_WRITE},
+        responses=PROBLEMS,
         summary="Charge the real cost",
     )
     async def settle(
@@ -62,6 +70,7 @@ class HoldController(Controller):
         "/{request_id:str}/refund",
         status_code=200,
         opt={"roles": auth.RELAY_WRITE},
+        responses=PROBLEMS,
         summary="Give the hold back",
     )
     async def refund(
@@ -79,7 +88,13 @@ class ConsumptionController(Controller):
     path = "/consumptions"
     tags = ["lifecycle"]
 
-    @post("/", status_code=201, opt={"roles": auth.RELAY_WRITE}, summary="Charge a call that had no hold")
+    @post(
+        "/",
+        status_code=201,
+        opt={"roles": auth.RELAY_WRITE},
+        responses=replayed(HoldView),
+        summary="Charge a call that had no hold",
+    )
     async def consume(
         self,
         request: Request[Any, Any, Any],
