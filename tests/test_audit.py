@@ -369,3 +369,26 @@ async def test_a_clean_ledger_reconciles_and_seals(ledger: Ledger, service: Ledg
     assert all(check["ok"] and check["offenders"] == [] for check in report["checks"])
     chain = next(check for check in report["checks"] if check["name"] == "hash_chain_intact")
     assert chain["detail"].startswith(f"{sealed + 1} entries and 1 blocks")
+
+
+async def test_a_statement_paged_one_posting_at_a_time_misses_none(ledger: Ledger) -> None:
+    """A hold account is posted in both ledgers by one entry: a page may end between the two postings."""
+    await ledger.fund(1, 100_000)
+    await ledger.token(1, 1, remaining=50_000)
+    await ledger.hold(request_id="split", max_tokens=10)
+    await ledger.post("/v1/holds/split/settle", {"channel_id": 1, "prompt_tokens": 1, "completion_tokens": 1})
+    lines: list[dict[str, Any]] = []
+    cursor: str | None = None
+    for _ in range(10):
+        query = "?limit=1" + (f"&cursor={cursor}" if cursor else "")
+        page = (await ledger.get(f"/v1/accounts/hold:split/postings{query}", as_="auditor")).json()
+        if not page["items"]:
+            break
+        lines += page["items"]
+        cursor = page["next_cursor"]
+    assert [(line["ledger"], line["amount"], line["balance_after"]) for line in lines] == [
+        ("allowance", 1525, 1525),
+        ("quota", 1525, 1525),
+        ("allowance", -1525, 0),
+        ("quota", -1525, 0),
+    ]

@@ -86,6 +86,8 @@ def _validation_detail(error: ValidationException) -> str:
     for item in error.extra if isinstance(error.extra, list) else []:
         if isinstance(item, dict):
             key, message = item.get("key"), item.get("message")
+            if key == "data" and message == "'data'":
+                message = "a JSON body is required"  # Litestar's wording when the body is missing
             parts.append(f"{key}: {message}" if key and key != "data" else str(message))
     return "; ".join(parts) or str(error.detail)
 

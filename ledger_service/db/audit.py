@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger_service.db import journal
 from ledger_service.domain.accounts import Ledger
-from ledger_service.domain.audit import FeedPosition, SealedEntry
+from ledger_service.domain.audit import STATEMENT_START, FeedPosition, SealedEntry, StatementPosition
 from ledger_service.schemas import EntryView
 
 
@@ -82,7 +82,7 @@ async def list_entries(
 
 @dataclass(frozen=True, slots=True)
 class StatementLine:
-    position: FeedPosition
+    position: StatementPosition
     entry_id: int
     kind: str
     created_at: datetime
@@ -107,7 +107,7 @@ _SUM_BETWEEN = text(
     """
     SELECT coalesce(sum(amount), 0)::bigint FROM postings
      WHERE account = :account AND ledger = :ledger AND txid >= CAST(:base AS xid8)
-       AND (txid, entry_id) <= (CAST(:txid AS xid8), :entry_id)
+       AND (txid, entry_id, ledger) <= (CAST(:txid AS xid8), :entry_id, :through_ledger)
     """
 )
 
@@ -116,15 +116,15 @@ _STATEMENT_PAGE = text(
     SELECT p.txid::text AS txid_text, p.entry_id, p.ledger, p.amount, e.kind, e.created_at
       FROM postings p JOIN entries e ON e.id = p.entry_id
      WHERE p.account = :account AND p.txid < CAST(:horizon AS xid8)
-       AND (p.txid, p.entry_id) > (CAST(:txid AS xid8), :entry_id)
+       AND (p.txid, p.entry_id, p.ledger) > (CAST(:txid AS xid8), :entry_id, :ledger)
      ORDER BY p.txid, p.entry_id, p.ledger
      LIMIT :limit
     """
 )
 
 
-async def balance_through(conn: AsyncConnection, account: str, ledger: str, position: FeedPosition) -> int:
-    """The account's balance counting every posting up to and including feed `position`.
+async def balance_through(conn: AsyncConnection, account: str, ledger: str, position: StatementPosition) -> int:
+    """The account's balance in `ledger` counting every posting up to and including statement `position`.
 
     Starts from the newest snapshot (current or kept in history) that holds nothing past `position`, then adds
     the postings between it and `position`.
@@ -132,15 +132,18 @@ async def balance_through(conn: AsyncConnection, account: str, ledger: str, posi
     params = {"account": account, "ledger": ledger, "txid": position.txid}
     base = (await conn.execute(_BASE_BEFORE, params)).first()
     start, base_horizon = (int(base.balance), int(base.horizon_text)) if base is not None else (0, 0)
-    rest = await conn.scalar(_SUM_BETWEEN, {**params, "base": base_horizon, "entry_id": position.entry_id})
+    rest = await conn.scalar(
+        _SUM_BETWEEN,
+        {**params, "base": base_horizon, "entry_id": position.entry_id, "through_ledger": position.ledger},
+    )
     return start + int(rest or 0)
 
 
 async def statement(
-    conn: AsyncConnection, account: str, *, after: FeedPosition | None, limit: int
+    conn: AsyncConnection, account: str, *, after: StatementPosition | None, limit: int
 ) -> list[StatementLine]:
     """A page of the account's postings in feed order, each with the balance of its ledger right after it."""
-    after = after or FeedPosition(0, 0)
+    after = after or STATEMENT_START
     rows = (
         await conn.execute(
             _STATEMENT_PAGE,
@@ -149,6 +152,7 @@ async def statement(
                 "horizon": await feed_horizon(conn),
                 "txid": after.txid,
                 "entry_id": after.entry_id,
+                "ledger": after.ledger,
                 "limit": limit,
             },
         )
@@ -161,7 +165,7 @@ async def statement(
         running[row.ledger] += row.amount
         lines.append(
             StatementLine(
-                position=FeedPosition(int(row.txid_text), row.entry_id),
+                position=StatementPosition(int(row.txid_text), row.entry_id, row.ledger),
                 entry_id=row.entry_id,
                 kind=row.kind,
                 created_at=row.created_at,

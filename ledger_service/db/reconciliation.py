@@ -110,7 +110,8 @@ async def uncleared_holds(conn: AsyncConnection) -> Findings:
 async def overdue_holds(conn: AsyncConnection, *, grace_seconds: float) -> Findings:
     return await _findings(
         conn,
-        """SELECT format('hold %s expired at %s and is still open', request_id, expires_at) AS offender
+        """SELECT format('hold %s expired at %s and is still open', request_id,
+                          to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')) AS offender
              FROM requests
             WHERE status = 'open' AND expires_at < now() - make_interval(secs => :grace)""",
         {"grace": grace_seconds},

@@ -11,7 +11,7 @@ that starts later gets a larger id, so the set of rows with `txid < horizon` is 
 refresh adds the rows with `previous horizon <= txid < horizon` to the snapshot rows and records the horizon; a
 reader adds the rows with `txid >= row horizon` (see journal.balances). No row is counted twice or missed.
 
-Hold accounts are not snapshotted: each has at most six postings in its life, so a read sums them directly.
+Hold accounts are not snapshotted: each has at most four postings in its life, so a read sums them directly.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger_service.db import locks
+
+RUN_RETENTION_SECONDS = 3600
+"""How long a run that is not a checkpoint is kept (for inspection) before it is pruned."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +141,14 @@ async def refresh(conn: AsyncConnection, *, checkpoint_every: float = 3600.0) ->
     )
     if checkpoint:
         await conn.execute(_KEEP_HISTORY, {"run_id": run_id, "since": int(last.horizon_text)})
+    # Runs are only needed as checkpoints (history) and as the latest horizon: the rest are pruned after a while.
+    await conn.execute(
+        text(
+            "DELETE FROM snapshot_runs WHERE NOT checkpoint AND id < :run_id"
+            " AND taken_at < now() - make_interval(secs => :keep)"
+        ),
+        {"run_id": run_id, "keep": RUN_RETENTION_SECONDS},
+    )
     return SnapshotRun(horizon=horizon, accounts_changed=accounts_changed, subjects_changed=subjects_changed)
 
 

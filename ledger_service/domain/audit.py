@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ledger_service.domain import errors
-from ledger_service.domain.accounts import AccountKind, kind_of
+from ledger_service.domain.accounts import AccountKind, Ledger, kind_of
 from ledger_service.domain.entries import EntryKind
 
 GENESIS_HASH = bytes(32)
@@ -54,6 +54,38 @@ class FeedPosition:
         return position
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class StatementPosition:
+    """Where a posting stands in an account statement: its entry's feed position, then its ledger.
+
+    An entry can post to an account in both ledgers (a hold account does), so a page may end between the two.
+    """
+
+    txid: int
+    entry_id: int
+    ledger: str
+
+    def encode(self) -> str:
+        raw = f"{self.txid}.{self.entry_id}.{self.ledger}".encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, cursor: str) -> StatementPosition:
+        try:
+            padded = cursor + "=" * (-len(cursor) % 4)
+            txid, entry_id, ledger = base64.urlsafe_b64decode(padded.encode("ascii")).decode("ascii").split(".")
+            position = cls(int(txid), int(entry_id), ledger)
+        except (ValueError, UnicodeError, binascii.Error):
+            raise errors.ValidationFailed("cursor is not one this service handed out") from None
+        if not (0 <= position.txid < 2**63 and 0 <= position.entry_id < 2**63) or ledger not in LEDGER_NAMES:
+            raise errors.ValidationFailed("cursor is not one this service handed out")
+        return position
+
+
+STATEMENT_START = StatementPosition(0, 0, "")
+LEDGER_NAMES = frozenset(str(ledger) for ledger in Ledger)
+
+
 @dataclass(frozen=True, slots=True)
 class SealedEntry:
     position: FeedPosition
@@ -79,5 +111,5 @@ def check_reversible(kind: str, accounts: Iterable[str]) -> None:
         raise errors.EntryNotReversible("a reversal cannot itself be reversed; post an adjustment instead")
     if any(kind_of(account) is AccountKind.HOLD for account in accounts):
         raise errors.EntryNotReversible(
-            f"a {kind} entry moves money through a hold account; correct it with an adjustment instead"
+            f"this {kind} entry moves money through a hold account; correct it with an adjustment instead"
         )

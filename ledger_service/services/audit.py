@@ -17,7 +17,7 @@ from ledger_service.db import audit, journal, locks, reconciliation
 from ledger_service.db.audit import EntryFilter
 from ledger_service.db.transactions import run_transaction
 from ledger_service.domain import accounts, errors
-from ledger_service.domain.audit import GENESIS_HASH, FeedPosition, SealedEntry, block_hash
+from ledger_service.domain.audit import GENESIS_HASH, FeedPosition, SealedEntry, StatementPosition, block_hash
 from ledger_service.schemas import (
     AccountView,
     EntryPageView,
@@ -82,7 +82,7 @@ class AuditService:
 
     async def statement(self, address: str, *, cursor: str | None, limit: int) -> StatementPageView:
         _ledgers(address)
-        after = _cursor(cursor)
+        after = None if cursor is None else StatementPosition.decode(cursor)
 
         async def work(conn: AsyncConnection) -> StatementPageView:
             lines = await audit.statement(conn, address, after=after, limit=limit)
@@ -253,10 +253,11 @@ class AuditService:
         while block_index < len(blocks):
             close_block()
         ok = problems == 0
+        latest = f"; latest block {blocks[-1].id} hash {blocks[-1].hash.hex()}" if blocks else ""
         detail = (
-            f"{checked} entries and {len(blocks)} blocks verified from the first block"
+            f"{checked} entries and {len(blocks)} blocks verified from the first block{latest}"
             if ok
-            else f"{problems} hash chain problems"
+            else f"{problems} hash chain problems{latest}"
         )
         return ReconciliationCheckView(name="hash_chain_intact", ok=ok, detail=detail, offenders=offenders)
 

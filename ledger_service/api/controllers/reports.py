@@ -97,12 +97,12 @@ class ReportsController(Controller):
             created_from=parse_time(created_from, "from"),
             created_to=parse_time(created_to, "to"),
         )
-        if "text/csv" not in request.headers.get("accept", ""):
+        if request.accept.best_match(["application/json", "text/csv"], default="application/json") != "text/csv":
             return Response(report)
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
         for row in report.rows:
-            start = "" if row.bucket_start is None else row.bucket_start.isoformat()
+            start = "" if row.bucket_start is None else row.bucket_start.isoformat().replace("+00:00", "Z")
             writer.writerow([row.key, start, row.requests, row.prompt_tokens, row.completion_tokens, row.quota])
         return Response(out.getvalue(), media_type="text/csv")
