@@ -32,44 +32,73 @@ async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 60
             await asyncio.sleep(0.2)
 
 
+class ServiceProcess:
+    """`python -m ledger_service serve` on a fixed port; can be killed outright and started again on that port."""
+
+    def __init__(self, database_url: str | None, *, port: int = 0, settings: dict[str, str] | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {key: value for key, value in os.environ.items() if not key.startswith("LEDGER_")}
+        env.update({"LEDGER_PORT": str(self.port), "LEDGER_ADMIN_KEY": ADMIN_SECRET, **(settings or {})})
+        if database_url is not None:
+            env["LEDGER_DATABASE_URL"] = database_url
+        self.env = env
+        # A file, not a pipe: a chatty child never blocks on a full pipe. Closed by close().
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ledger_service", "serve", env=self.env, stdout=self.log, stderr=self.log
+        )
+        async with httpx.AsyncClient(base_url=self.url, timeout=5) as client:
+
+            async def healthy() -> bool:
+                assert self.process is not None
+                if self.process.returncode is not None:
+                    raise AssertionError(f"the service exited:\n{self.logged()}")
+                try:
+                    return (await client.get("/health")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(healthy)
+
+    async def kill(self) -> None:
+        """SIGKILL: no shutdown of any kind, as in a crash or an OOM kill."""
+        assert self.process is not None
+        self.process.kill()
+        await self.process.wait()
+
+    async def stop(self) -> None:
+        """SIGINT: a graceful shutdown (and SIGKILL if it does not finish in 30 s)."""
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            async with asyncio.timeout(30):
+                await self.process.wait()
+        except TimeoutError:
+            await self.kill()
+
+    def logged(self) -> str:
+        self.log.seek(0)
+        text = self.log.read()
+        self.log.seek(0, os.SEEK_END)
+        return text
+
+    def close(self) -> None:
+        self.log.close()
+
+
 @asynccontextmanager
 async def service_process(database_url: str | None, **settings: str) -> AsyncIterator[httpx.AsyncClient]:
-    """A `ledger-service serve` process on a free port; stopped with SIGINT (a graceful shutdown) at the end."""
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("LEDGER_")}
-    env.update(
-        {
-            "LEDGER_PORT": str(port),
-            "LEDGER_ADMIN_KEY": ADMIN_SECRET,
-            **settings,
-        }
-    )
-    if database_url is not None:
-        env["LEDGER_DATABASE_URL"] = database_url
-    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a chatty child never blocks on a full pipe
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ledger_service", "serve", env=env, stdout=log, stderr=log
-        )
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-
-                async def healthy() -> bool:
-                    if process.returncode is not None:
-                        log.seek(0)
-                        raise AssertionError(f"the service exited:\n{log.read()}")
-                    try:
-                        return (await client.get("/health")).status_code == 200
-                    except httpx.TransportError:
-                        return False
-
-                await eventually(healthy)
-                yield client
-        finally:
-            if process.returncode is None:
-                process.send_signal(signal.SIGINT)
-            try:
-                async with asyncio.timeout(30):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+    """A service process on a free port, with a client for it; stopped gracefully at the end."""
+    service = ServiceProcess(database_url, settings=settings)
+    try:
+        await service.start()
+        async with httpx.AsyncClient(base_url=service.url, timeout=30) as client:
+            yield client
+    finally:
+        await service.stop()
+        service.close()

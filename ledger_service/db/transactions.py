@@ -7,6 +7,7 @@ raises here, inside the service, and can never reach a client as success.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -73,12 +74,16 @@ def is_connection_error(error: BaseException) -> bool:
     return False
 
 
-_AFTER_COMMIT = "ledger_after_commit"
+_after_commit: contextvars.ContextVar[list[Callable[[], None]]] = contextvars.ContextVar("ledger_after_commit")
 
 
 def after_commit(conn: AsyncConnection, callback: Callable[[], None]) -> None:
-    """Run `callback` once the transaction `conn` is in has committed (never if it rolls back or is retried)."""
-    conn.info[_AFTER_COMMIT].append(callback)
+    """Run `callback` once the transaction `conn` is in has committed (never if it rolls back or is retried).
+
+    The callbacks live in a context variable of the running attempt, not on the connection: a connection that
+    broke must not be touched again (SQLAlchemy would try to reconnect it from there).
+    """
+    _after_commit.get().append(callback)
 
 
 async def run_transaction(
@@ -94,15 +99,15 @@ async def run_transaction(
     """
     for attempt in range(1, attempts + 1):
         try:
-            async with engine.connect() as conn:
-                await conn.execution_options(isolation_level=isolation_level)
-                callbacks: list[Callable[[], None]] = []
-                conn.info[_AFTER_COMMIT] = callbacks
-                try:
+            callbacks: list[Callable[[], None]] = []
+            token = _after_commit.set(callbacks)
+            try:
+                async with engine.connect() as conn:
+                    await conn.execution_options(isolation_level=isolation_level)
                     async with conn.begin():
                         result = await work(conn)
-                finally:
-                    del conn.info[_AFTER_COMMIT]
+            finally:
+                _after_commit.reset(token)
             # Leaving `begin()` committed; a failing COMMIT raised above and nothing was acknowledged.
             for callback in callbacks:
                 callback()
@@ -112,6 +117,10 @@ async def run_transaction(
                 raise DatabaseBusy(f"gave up after {attempts} attempts") from error
         except DBAPIError as error:
             if is_connection_error(error):
+                # A pooled connection that died while idle (the database restarted): try once on a fresh one.
+                # Safe even if the lost connection had committed: every write of the ledger is idempotent.
+                if error.connection_invalidated and attempt == 1:
+                    continue
                 raise DatabaseUnavailable(str(error.orig)) from error
             if sqlstate_of(error) not in RETRYABLE_SQLSTATES:
                 raise
