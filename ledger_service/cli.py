@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -45,7 +44,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             migrate(url)
         # Workers (and the app factory in this process) read the URL from the environment.
         os.environ["LEDGER_DATABASE_URL"] = url
-        configure_logging(settings.log_format)
         uvicorn.run(
             "ledger_service.api.app:serve_app",
             factory=True,
@@ -155,13 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
     except SettingsError as error:
         print(f"ledger-service: {error}", file=sys.stderr)
         return 2
+    configure_logging(settings.log_format)
     handler: Callable[[argparse.Namespace, Settings], int] = args.handler
     return handler(args, replace(settings))
 

@@ -1,0 +1,127 @@
+"""Metrics and logs: what an operator sees, and what must never appear in it."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from ledger_service.observability import JsonFormatter, RedactingFilter, redact
+from ledger_service.services.audit import AuditService
+from ledger_service.services.housekeeping import Housekeeping
+from ledger_service.services.ledger import LedgerService
+from ledger_service.settings import Settings
+from tests.processes import AUTH, ServiceProcess
+from tests.support import ADMIN_SECRET, Ledger
+
+
+async def scrape(ledger: Ledger) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    response = await ledger.client.get("/metrics")
+    assert response.status_code == 200
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_metrics_count_requests_by_route_and_the_lifecycle(
+    ledger: Ledger, service: LedgerService, settings: Settings
+) -> None:
+    await ledger.fund(1, 100_000)
+    await ledger.token(1, 1)
+    before = await scrape(ledger)
+    for rid in ("m1", "m2", "m3"):
+        assert (await ledger.hold(request_id=rid, max_tokens=10)).status_code == 201
+    await ledger.hold(request_id="m1", max_tokens=10)  # a replay: not a new hold
+    await ledger.post("/v1/holds/m1/settle", {"channel_id": 1, "prompt_tokens": 1, "completion_tokens": 1})
+    await ledger.post("/v1/holds/m2/refund", {})
+    await ledger.backdate("m3")
+    await Housekeeping(
+        service.engine, service, AuditService(service.engine, sweep_interval_seconds=5), settings
+    ).sweep()
+    await ledger.get("/v1/holds/nope")
+    after = await scrape(ledger)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("ledger_holds_opened_total", trusted="false") == 3
+    assert delta("ledger_holds_settled_total", late="false") == 1
+    assert delta("ledger_holds_refunded_total") == 1
+    assert delta("ledger_holds_expired_total") == 1
+    http = {"app_name": "ledger", "method": "POST", "path": "/v1/holds"}
+    assert delta("ledger_http_requests_total", **http, status_code="201") == 3
+    assert delta("ledger_http_requests_total", **http, status_code="200") == 1
+    not_found = {"app_name": "ledger", "method": "GET", "path": "/v1/holds/{request_id}", "status_code": "404"}
+    assert delta("ledger_http_requests_total", **not_found) == 1  # one series per route, not per request_id
+    assert any(name == "ledger_http_request_duration_seconds_bucket" for name, _ in after)
+    assert value(after, "ledger_sweeper_lag_seconds") == 0.0  # nothing overdue left
+
+
+async def test_gauges_show_how_stale_the_background_work_is(
+    ledger: Ledger, service: LedgerService, settings: Settings
+) -> None:
+    await ledger.fund(1, 100_000)
+    await ledger.token(1, 1)
+    await ledger.hold(request_id="late", max_tokens=10)
+    await ledger.backdate("late")
+    await ledger.conn.execute(
+        "SET session_replication_role = replica; UPDATE requests SET expires_at = now() - interval '90 seconds';"
+        " SET session_replication_role = origin"
+    )
+    housekeeping = Housekeeping(
+        service.engine, service, AuditService(service.engine, sweep_interval_seconds=5), settings
+    )
+    await housekeeping.materialize()
+    samples = await scrape(ledger)
+    assert value(samples, "ledger_unsealed_entries") == 0
+    assert 0 <= value(samples, "ledger_snapshot_age_seconds") < 60
+    await ledger.fund(2, 1)
+    await housekeeping.materialize()
+    assert value(await scrape(ledger), "ledger_unsealed_entries") == 0  # the new entry was sealed too
+
+
+async def test_logs_are_json_with_the_request_id_and_never_a_secret(database_url: str) -> None:
+    service = ServiceProcess(database_url, settings={"LEDGER_LOG_FORMAT": "json"})
+    try:
+        await service.start()
+
+        async with httpx.AsyncClient(base_url=service.url, timeout=30) as http:
+            await http.post("/v1/topups", json={"user_id": 1, "amount": 10**6, "reference": "f"}, headers=AUTH)
+            await http.put("/v1/tokens/1", json={"user_id": 1, "unlimited": True}, headers=AUTH)
+            hold = {"request_id": "trace-me", "user_id": 1, "token_id": 1, "model": "gpt-4o", "prompt_tokens": 1}
+            assert (await http.post("/v1/holds", json=hold, headers=AUTH)).status_code == 201
+            await http.get("/v1/users/1", headers={"Authorization": "Bearer lsk_not-a-real-key-at-all"})
+        await service.stop()
+        lines = [line for line in service.logged().splitlines() if line.strip()]
+    finally:
+        await service.stop()
+        service.close()
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    hold_lines = [r for r in records if r.get("route") == "/v1/holds" and r.get("method") == "POST"]
+    assert len(hold_lines) == 1
+    (line,) = hold_lines
+    assert (line["request_id"], line["status"], line["logger"]) == ("trace-me", 201, "ledger_service.access")
+    assert isinstance(line["key_id"], int)
+    assert line["duration_ms"] > 0
+    refused = [r for r in records if r.get("route") == "/v1/users/{user_id}"]
+    assert refused[0]["status"] == 401
+    everything = "\n".join(lines)
+    assert ADMIN_SECRET not in everything
+    assert "lsk_not-a-real-key" not in everything
+    assert "Authorization" not in everything
+
+
+def test_secrets_are_redacted_from_any_log_record() -> None:
+    assert redact("Authorization: Bearer abc.def-123") == "Authorization: Bearer [redacted]"
+    assert redact("key lsk_Zx9_-Q is bad") == "key lsk_[redacted] is bad"
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "got %s", ("bearer s3cr3t",), None)
+    assert RedactingFilter().filter(record)
+    assert json.loads(JsonFormatter().format(record))["message"] == "got bearer [redacted]"
