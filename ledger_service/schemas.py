@@ -159,6 +159,19 @@ class GroupRatioCommand(Command):
         check_ratio(self.group_ratio, "group_ratio")
 
 
+class BatchOperation(Command):
+    op: Literal["hold", "settle", "refund", "consume"]
+    request_id: Key
+    body: dict[str, Any] = msgspec.field(default_factory=dict)
+    """What the single call takes as its body; for hold and consume, request_id may be left out of it."""
+
+
+class BatchCommand(Command):
+    operations: Annotated[list[BatchOperation], Meta(min_length=1, max_length=1000)]
+    atomic: bool = False
+    """All or nothing: the first refusal rolls every operation back."""
+
+
 class ApiKeyCommand(Command):
     name: Name
     role: Role
@@ -346,6 +359,15 @@ class UsageRowView(View):
 
 class UsageReportView(View):
     rows: list[UsageRowView]
+
+
+class BatchResultView(View):
+    status: int
+    body: dict[str, Any]
+
+
+class BatchView(View):
+    results: list[BatchResultView]
 
 
 class HealthView(View):

@@ -95,8 +95,14 @@ ROUTES: list[Route] = [
     Route("POST", "/v1/api-keys", ADMIN, {"name": "made in the access test", "role": "auditor"}),
     Route("GET", "/v1/api-keys", ADMIN),
     Route("DELETE", f"/v1/api-keys/{KEY_TO_DELETE}", ADMIN),
+    # Batches (section 9)
+    Route(
+        "POST",
+        "/v1/batch",
+        RELAY_WRITE,
+        {"operations": [{"op": "refund", "request_id": "access-no-such-hold", "body": {}}]},
+    ),
 ]
-# POST /v1/batch (section 9) joins this table with the batch endpoint (issue 5).
 
 BAD_CALLERS = (
     "no-header",

@@ -16,6 +16,7 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from ledger_service.api.auth import require_role
 from ledger_service.api.controllers.accounts import AccountController
 from ledger_service.api.controllers.api_keys import ApiKeyController
+from ledger_service.api.controllers.batch import BatchController
 from ledger_service.api.controllers.entries import EntryController
 from ledger_service.api.controllers.funding import FundingController
 from ledger_service.api.controllers.health import HealthController
@@ -29,6 +30,7 @@ from ledger_service.db.engine import create_engine
 from ledger_service.observability import configure_logging
 from ledger_service.services.api_keys import ApiKeyService
 from ledger_service.services.audit import AuditService
+from ledger_service.services.batch import BatchService
 from ledger_service.services.housekeeping import Housekeeping
 from ledger_service.services.ledger import LedgerService
 from ledger_service.services.pricing import PricingService
@@ -43,6 +45,11 @@ def provide_ledger(state: State) -> LedgerService:
 def provide_pricing(state: State) -> PricingService:
     pricing: PricingService = state.pricing
     return pricing
+
+
+def provide_batches(state: State) -> BatchService:
+    batches: BatchService = state.batches
+    return batches
 
 
 def provide_audit(state: State) -> AuditService:
@@ -84,6 +91,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ledger = LedgerService(engine, settings)
         app.state.engine = engine
         app.state.ledger = ledger
+        app.state.batches = BatchService(ledger)
         app.state.pricing = PricingService(engine)
         app.state.api_keys = ApiKeyService(engine)
         app.state.rate_limiter = (
@@ -112,6 +120,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[
             HoldController,
             ConsumptionController,
+            BatchController,
             FundingController,
             AccountController,
             EntryController,
@@ -139,6 +148,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "prices": Provide(provide_pricing, sync_to_thread=False),
             "keys": Provide(provide_api_keys, sync_to_thread=False),
             "audit": Provide(provide_audit, sync_to_thread=False),
+            "batches": Provide(provide_batches, sync_to_thread=False),
         },
         exception_handlers={Exception: handle_exception},
         openapi_config=OpenAPIConfig(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -185,3 +186,16 @@ async def overdue_seconds(conn: AsyncConnection) -> float:
         )
     )
     return float(found or 0)
+
+
+async def lock_requests(conn: AsyncConnection, request_ids: Iterable[str]) -> None:
+    """Lock several request rows in ascending order (see locks.lock_users for why the order matters)."""
+    ids = sorted(set(request_ids))
+    if ids:
+        await conn.execute(
+            text(
+                "SELECT request_id FROM requests WHERE request_id = ANY(CAST(:ids AS text[]))"
+                " ORDER BY request_id FOR UPDATE"
+            ),
+            {"ids": ids},
+        )

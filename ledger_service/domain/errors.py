@@ -128,3 +128,9 @@ class RateLimited(LedgerError):
     code = "rate_limited"
     status = 429
     title = "Too many requests for this API key"
+
+
+class BatchAborted(LedgerError):
+    code = "batch_aborted"
+    status = 424
+    title = "Not applied: another operation of the atomic batch was refused"

@@ -190,272 +190,274 @@ class LedgerService:
 
     async def open_hold(self, command: HoldCommand) -> Outcome[HoldView]:
         """Reserve the estimate from the user's quota (and a limited token's allowance), or refuse."""
+        return await self._transaction(lambda conn: self.open_hold_in(conn, command))
+
+    async def open_hold_in(self, conn: AsyncConnection, command: HoldCommand) -> Outcome[HoldView]:
+        """Open hold, in the caller's transaction (one call, or one operation of a batch)."""
         digest = fingerprint("hold", _body(command))
         settings = self.settings
 
-        async def work(conn: AsyncConnection) -> Outcome[HoldView]:
-            # One lock per user: holds of a user (and of its tokens) are checked and posted one at a time.
-            await locks.lock_user(conn, command.user_id)
-            existing = await requests.get(conn, command.request_id)
-            if existing is not None:
-                return _replay(existing, RequestKind.HOLD, digest)
-            token = check_token(
-                await self._token_state(conn, command.token_id),
-                token_id=command.token_id,
-                user_id=command.user_id,
-            )
-            available = await journal.balance(conn, accounts.user(command.user_id), Ledger.QUOTA)
-            prices = await pricing.prices_for(conn, model=command.model, group=command.group)
-            estimate = (
-                command.amount
-                if command.amount is not None
-                else _priced(
-                    prices.estimate,
-                    pre_consumed=settings.pre_consumed_quota,
-                    prompt_tokens=command.prompt_tokens,
-                    max_tokens=command.max_tokens,
-                )
-            )
-            decision = decide_hold(
-                available=available, token=token, estimate=estimate, trust_factor=settings.trust_factor
-            )
-            expires_in = command.expires_in or settings.hold_ttl_seconds
-            row = await requests.insert_request(
-                conn,
-                request_id=command.request_id,
-                kind=RequestKind.HOLD.value,
-                status=RequestStatus.OPEN.value,
-                user_id=command.user_id,
-                token_id=command.token_id,
-                token_limited=token.limited,
-                group=command.group,
-                model=command.model,
+        # One lock per user: holds of a user (and of its tokens) are checked and posted one at a time.
+        await locks.lock_user(conn, command.user_id)
+        existing = await requests.get(conn, command.request_id)
+        if existing is not None:
+            return _replay(existing, RequestKind.HOLD, digest)
+        token = check_token(
+            await self._token_state(conn, command.token_id),
+            token_id=command.token_id,
+            user_id=command.user_id,
+        )
+        available = await journal.balance(conn, accounts.user(command.user_id), Ledger.QUOTA)
+        prices = await pricing.prices_for(conn, model=command.model, group=command.group)
+        estimate = (
+            command.amount
+            if command.amount is not None
+            else _priced(
+                prices.estimate,
+                pre_consumed=settings.pre_consumed_quota,
                 prompt_tokens=command.prompt_tokens,
                 max_tokens=command.max_tokens,
-                amount=decision.amount,
-                trusted=decision.trusted,
-                prices=prices,
-                late=False,
-                request_fingerprint=digest,
-                expires_at=requests.now_plus(timedelta(seconds=expires_in)),
             )
-            trusted = "true" if decision.trusted else "false"
-            after_commit(conn, metrics.HOLDS_OPENED.labels(trusted=trusted).inc)
-            if decision.amount:
-                details = {
-                    "model": command.model,
-                    "group": command.group,
-                    "prompt_tokens": command.prompt_tokens,
-                    "max_tokens": command.max_tokens,
-                    "pre_consumed_quota": settings.pre_consumed_quota,
-                    "estimate": estimate,
-                    "explicit_amount": command.amount is not None,
-                    **prices.as_details(),
-                }
-                draft = EntryDraft(
-                    kind=EntryKind.HOLD,
-                    postings=hold_postings(
-                        request_id=command.request_id,
-                        user_id=command.user_id,
-                        token_id=command.token_id,
-                        amount=decision.amount,
-                        limited=token.limited,
-                    ),
+        )
+        decision = decide_hold(available=available, token=token, estimate=estimate, trust_factor=settings.trust_factor)
+        expires_in = command.expires_in or settings.hold_ttl_seconds
+        row = await requests.insert_request(
+            conn,
+            request_id=command.request_id,
+            kind=RequestKind.HOLD.value,
+            status=RequestStatus.OPEN.value,
+            user_id=command.user_id,
+            token_id=command.token_id,
+            token_limited=token.limited,
+            group=command.group,
+            model=command.model,
+            prompt_tokens=command.prompt_tokens,
+            max_tokens=command.max_tokens,
+            amount=decision.amount,
+            trusted=decision.trusted,
+            prices=prices,
+            late=False,
+            request_fingerprint=digest,
+            expires_at=requests.now_plus(timedelta(seconds=expires_in)),
+        )
+        trusted = "true" if decision.trusted else "false"
+        after_commit(conn, metrics.HOLDS_OPENED.labels(trusted=trusted).inc)
+        if decision.amount:
+            details = {
+                "model": command.model,
+                "group": command.group,
+                "prompt_tokens": command.prompt_tokens,
+                "max_tokens": command.max_tokens,
+                "pre_consumed_quota": settings.pre_consumed_quota,
+                "estimate": estimate,
+                "explicit_amount": command.amount is not None,
+                **prices.as_details(),
+            }
+            draft = EntryDraft(
+                kind=EntryKind.HOLD,
+                postings=hold_postings(
                     request_id=command.request_id,
                     user_id=command.user_id,
                     token_id=command.token_id,
-                    details=details,
-                )
-                await journal.insert_entry(conn, draft)
-            return Outcome(row.view())
-
-        return await self._transaction(work)
-
-    async def settle(self, request_id: str, command: SettleCommand) -> Outcome[HoldView]:
-        """Charge the real cost: release the hold, credit the channel, give back (or take) the difference."""
-        digest = fingerprint("settle", _body(command))
-
-        async def work(conn: AsyncConnection) -> Outcome[HoldView]:
-            row = await requests.get(conn, request_id, for_update=True)
-            if row is None:
-                raise errors.HoldNotFound(f"no hold with request_id {request_id!r}")
-            if row.kind is RequestKind.CONSUMPTION:
-                raise errors.HoldAlreadySettled(f"{request_id!r} is a consumption: it was charged when recorded")
-            mode = plan_settle(status=row.status, due=row.due, settled_with=row.settle_fingerprint, fingerprint=digest)
-            if mode is SettleMode.REPLAY:
-                return Outcome(row.view(), created=False, replayed=True)
-            charge = (
-                command.quota
-                if command.quota is not None
-                else _priced(
-                    row.prices.charge,
-                    prompt_tokens=command.prompt_tokens,
-                    completion_tokens=command.completion_tokens,
-                )
-            )
-            if mode is SettleMode.EXPIRE_THEN_LATE:
-                await self._release(conn, row, EntryKind.EXPIRE, {"reason": "expired"})
-                after_commit(conn, metrics.HOLDS_EXPIRED.inc)
-            late = mode is not SettleMode.SETTLE_HOLD
-            after_commit(conn, metrics.HOLDS_SETTLED.labels(late="true" if late else "false").inc)
-            held = 0 if late else row.amount
-            if held:
-                postings = settle_postings(
-                    request_id=row.request_id,
-                    user_id=row.user_id,
-                    token_id=row.token_id,
-                    channel_id=command.channel_id,
-                    held=held,
-                    charge=charge,
-                    limited=row.token_limited,
-                )
-            else:
-                postings = direct_charge_postings(
-                    user_id=row.user_id,
-                    token_id=row.token_id,
-                    channel_id=command.channel_id,
-                    charge=charge,
-                    limited=row.token_limited,
-                )
-            details = {
-                "model": row.model,
-                "group": row.group,
-                "prompt_tokens": command.prompt_tokens,
-                "completion_tokens": command.completion_tokens,
-                "held": held,
-                "charged": charge,
-                "explicit_quota": command.quota is not None,
-                "late": late,
-                **row.prices.as_details(),
-            }
-            draft = EntryDraft(
-                kind=EntryKind.SETTLE,
-                postings=postings,
-                request_id=row.request_id,
-                user_id=row.user_id,
-                token_id=row.token_id,
-                channel_id=command.channel_id,
-                details=details,
-            )
-            await journal.insert_entry(conn, draft, charged=charge)
-            settled = await requests.resolve(
-                conn,
-                request_id,
-                status=RequestStatus.SETTLED.value,
-                channel_id=command.channel_id,
-                settled_prompt_tokens=command.prompt_tokens,
-                completion_tokens=command.completion_tokens,
-                charged=charge,
-                late=late,
-                settle_fingerprint=digest,
-            )
-            return Outcome(settled.view(), created=False)
-
-        return await self._transaction(work)
-
-    async def refund(self, request_id: str, command: RefundCommand) -> Outcome[HoldView]:
-        """Give the hold back after a failed upstream call."""
-        digest = fingerprint("refund", _body(command))
-
-        async def work(conn: AsyncConnection) -> Outcome[HoldView]:
-            row = await requests.get(conn, request_id, for_update=True)
-            if row is None:
-                raise errors.HoldNotFound(f"no hold with request_id {request_id!r}")
-            if row.kind is RequestKind.CONSUMPTION:
-                raise errors.HoldAlreadySettled(f"{request_id!r} is a consumption: it was charged when recorded")
-            mode = plan_refund(status=row.status, due=row.due, refunded_with=row.refund_fingerprint, fingerprint=digest)
-            if mode is RefundMode.REPLAY:
-                return Outcome(row.view(), created=False, replayed=True)
-            if mode is RefundMode.UNCHANGED:
-                return Outcome(row.view(), created=False)
-            if mode is RefundMode.EXPIRE:
-                await self._release(conn, row, EntryKind.EXPIRE, {"reason": "expired"})
-                after_commit(conn, metrics.HOLDS_EXPIRED.inc)
-                expired = await requests.resolve(conn, request_id, status=RequestStatus.EXPIRED.value)
-                return Outcome(expired.view(), created=False)
-            await self._release(conn, row, EntryKind.REFUND, {"reason": command.reason})
-            after_commit(conn, metrics.HOLDS_REFUNDED.inc)
-            refunded = await requests.resolve(
-                conn, request_id, status=RequestStatus.REFUNDED.value, refund_fingerprint=digest
-            )
-            return Outcome(refunded.view(), created=False)
-
-        return await self._transaction(work)
-
-    async def consume(self, command: ConsumptionCommand) -> Outcome[HoldView]:
-        """Charge a call that had no hold (post-paid calls, images). No balance check: the usage happened."""
-        digest = fingerprint("consumption", _body(command))
-
-        async def work(conn: AsyncConnection) -> Outcome[HoldView]:
-            existing = await requests.get(conn, command.request_id)
-            if existing is not None:
-                return _replay(existing, RequestKind.CONSUMPTION, digest)
-            token = check_token(
-                await self._token_state(conn, command.token_id),
-                token_id=command.token_id,
-                user_id=command.user_id,
-            )
-            prices = await pricing.prices_for(conn, model=command.model, group=command.group)
-            charge = (
-                command.quota
-                if command.quota is not None
-                else _priced(
-                    prices.charge,
-                    prompt_tokens=command.prompt_tokens,
-                    completion_tokens=command.completion_tokens,
-                )
-            )
-            row = await requests.insert_request(
-                conn,
-                request_id=command.request_id,
-                kind=RequestKind.CONSUMPTION.value,
-                status=RequestStatus.SETTLED.value,
-                user_id=command.user_id,
-                token_id=command.token_id,
-                token_limited=token.limited,
-                group=command.group,
-                model=command.model,
-                prompt_tokens=command.prompt_tokens,
-                max_tokens=0,
-                amount=0,
-                trusted=False,
-                prices=prices,
-                channel_id=command.channel_id,
-                settled_prompt_tokens=command.prompt_tokens,
-                completion_tokens=command.completion_tokens,
-                charged=charge,
-                late=False,
-                request_fingerprint=digest,
-                expires_at=None,
-            )
-            draft = EntryDraft(
-                kind=EntryKind.CONSUME,
-                postings=direct_charge_postings(
-                    user_id=command.user_id,
-                    token_id=command.token_id,
-                    channel_id=command.channel_id,
-                    charge=charge,
+                    amount=decision.amount,
                     limited=token.limited,
                 ),
                 request_id=command.request_id,
                 user_id=command.user_id,
                 token_id=command.token_id,
-                channel_id=command.channel_id,
-                details={
-                    "model": command.model,
-                    "group": command.group,
-                    "prompt_tokens": command.prompt_tokens,
-                    "completion_tokens": command.completion_tokens,
-                    "charged": charge,
-                    "explicit_quota": command.quota is not None,
-                    **prices.as_details(),
-                },
+                details=details,
             )
-            await journal.insert_entry(conn, draft, charged=charge)
-            after_commit(conn, metrics.CONSUMPTIONS.inc)
-            return Outcome(row.view())
+            await journal.insert_entry(conn, draft)
+        return Outcome(row.view())
 
-        return await self._transaction(work)
+    async def settle(self, request_id: str, command: SettleCommand) -> Outcome[HoldView]:
+        """Charge the real cost: release the hold, credit the channel, give back (or take) the difference."""
+        return await self._transaction(lambda conn: self.settle_in(conn, request_id, command))
+
+    async def settle_in(self, conn: AsyncConnection, request_id: str, command: SettleCommand) -> Outcome[HoldView]:
+        """Settle, in the caller's transaction (one call, or one operation of a batch)."""
+        digest = fingerprint("settle", _body(command))
+
+        row = await requests.get(conn, request_id, for_update=True)
+        if row is None:
+            raise errors.HoldNotFound(f"no hold with request_id {request_id!r}")
+        if row.kind is RequestKind.CONSUMPTION:
+            raise errors.HoldAlreadySettled(f"{request_id!r} is a consumption: it was charged when recorded")
+        mode = plan_settle(status=row.status, due=row.due, settled_with=row.settle_fingerprint, fingerprint=digest)
+        if mode is SettleMode.REPLAY:
+            return Outcome(row.view(), created=False, replayed=True)
+        charge = (
+            command.quota
+            if command.quota is not None
+            else _priced(
+                row.prices.charge,
+                prompt_tokens=command.prompt_tokens,
+                completion_tokens=command.completion_tokens,
+            )
+        )
+        if mode is SettleMode.EXPIRE_THEN_LATE:
+            await self._release(conn, row, EntryKind.EXPIRE, {"reason": "expired"})
+            after_commit(conn, metrics.HOLDS_EXPIRED.inc)
+        late = mode is not SettleMode.SETTLE_HOLD
+        after_commit(conn, metrics.HOLDS_SETTLED.labels(late="true" if late else "false").inc)
+        held = 0 if late else row.amount
+        if held:
+            postings = settle_postings(
+                request_id=row.request_id,
+                user_id=row.user_id,
+                token_id=row.token_id,
+                channel_id=command.channel_id,
+                held=held,
+                charge=charge,
+                limited=row.token_limited,
+            )
+        else:
+            postings = direct_charge_postings(
+                user_id=row.user_id,
+                token_id=row.token_id,
+                channel_id=command.channel_id,
+                charge=charge,
+                limited=row.token_limited,
+            )
+        details = {
+            "model": row.model,
+            "group": row.group,
+            "prompt_tokens": command.prompt_tokens,
+            "completion_tokens": command.completion_tokens,
+            "held": held,
+            "charged": charge,
+            "explicit_quota": command.quota is not None,
+            "late": late,
+            **row.prices.as_details(),
+        }
+        draft = EntryDraft(
+            kind=EntryKind.SETTLE,
+            postings=postings,
+            request_id=row.request_id,
+            user_id=row.user_id,
+            token_id=row.token_id,
+            channel_id=command.channel_id,
+            details=details,
+        )
+        await journal.insert_entry(conn, draft, charged=charge)
+        settled = await requests.resolve(
+            conn,
+            request_id,
+            status=RequestStatus.SETTLED.value,
+            channel_id=command.channel_id,
+            settled_prompt_tokens=command.prompt_tokens,
+            completion_tokens=command.completion_tokens,
+            charged=charge,
+            late=late,
+            settle_fingerprint=digest,
+        )
+        return Outcome(settled.view(), created=False)
+
+    async def refund(self, request_id: str, command: RefundCommand) -> Outcome[HoldView]:
+        """Give the hold back after a failed upstream call."""
+        return await self._transaction(lambda conn: self.refund_in(conn, request_id, command))
+
+    async def refund_in(self, conn: AsyncConnection, request_id: str, command: RefundCommand) -> Outcome[HoldView]:
+        """Refund, in the caller's transaction (one call, or one operation of a batch)."""
+        digest = fingerprint("refund", _body(command))
+
+        row = await requests.get(conn, request_id, for_update=True)
+        if row is None:
+            raise errors.HoldNotFound(f"no hold with request_id {request_id!r}")
+        if row.kind is RequestKind.CONSUMPTION:
+            raise errors.HoldAlreadySettled(f"{request_id!r} is a consumption: it was charged when recorded")
+        mode = plan_refund(status=row.status, due=row.due, refunded_with=row.refund_fingerprint, fingerprint=digest)
+        if mode is RefundMode.REPLAY:
+            return Outcome(row.view(), created=False, replayed=True)
+        if mode is RefundMode.UNCHANGED:
+            return Outcome(row.view(), created=False)
+        if mode is RefundMode.EXPIRE:
+            await self._release(conn, row, EntryKind.EXPIRE, {"reason": "expired"})
+            after_commit(conn, metrics.HOLDS_EXPIRED.inc)
+            expired = await requests.resolve(conn, request_id, status=RequestStatus.EXPIRED.value)
+            return Outcome(expired.view(), created=False)
+        await self._release(conn, row, EntryKind.REFUND, {"reason": command.reason})
+        after_commit(conn, metrics.HOLDS_REFUNDED.inc)
+        refunded = await requests.resolve(
+            conn, request_id, status=RequestStatus.REFUNDED.value, refund_fingerprint=digest
+        )
+        return Outcome(refunded.view(), created=False)
+
+    async def consume(self, command: ConsumptionCommand) -> Outcome[HoldView]:
+        """Charge a call that had no hold (post-paid calls, images). No balance check: the usage happened."""
+        return await self._transaction(lambda conn: self.consume_in(conn, command))
+
+    async def consume_in(self, conn: AsyncConnection, command: ConsumptionCommand) -> Outcome[HoldView]:
+        """Consume, in the caller's transaction (one call, or one operation of a batch)."""
+        digest = fingerprint("consumption", _body(command))
+
+        existing = await requests.get(conn, command.request_id)
+        if existing is not None:
+            return _replay(existing, RequestKind.CONSUMPTION, digest)
+        token = check_token(
+            await self._token_state(conn, command.token_id),
+            token_id=command.token_id,
+            user_id=command.user_id,
+        )
+        prices = await pricing.prices_for(conn, model=command.model, group=command.group)
+        charge = (
+            command.quota
+            if command.quota is not None
+            else _priced(
+                prices.charge,
+                prompt_tokens=command.prompt_tokens,
+                completion_tokens=command.completion_tokens,
+            )
+        )
+        row = await requests.insert_request(
+            conn,
+            request_id=command.request_id,
+            kind=RequestKind.CONSUMPTION.value,
+            status=RequestStatus.SETTLED.value,
+            user_id=command.user_id,
+            token_id=command.token_id,
+            token_limited=token.limited,
+            group=command.group,
+            model=command.model,
+            prompt_tokens=command.prompt_tokens,
+            max_tokens=0,
+            amount=0,
+            trusted=False,
+            prices=prices,
+            channel_id=command.channel_id,
+            settled_prompt_tokens=command.prompt_tokens,
+            completion_tokens=command.completion_tokens,
+            charged=charge,
+            late=False,
+            request_fingerprint=digest,
+            expires_at=None,
+        )
+        draft = EntryDraft(
+            kind=EntryKind.CONSUME,
+            postings=direct_charge_postings(
+                user_id=command.user_id,
+                token_id=command.token_id,
+                channel_id=command.channel_id,
+                charge=charge,
+                limited=token.limited,
+            ),
+            request_id=command.request_id,
+            user_id=command.user_id,
+            token_id=command.token_id,
+            channel_id=command.channel_id,
+            details={
+                "model": command.model,
+                "group": command.group,
+                "prompt_tokens": command.prompt_tokens,
+                "completion_tokens": command.completion_tokens,
+                "charged": charge,
+                "explicit_quota": command.quota is not None,
+                **prices.as_details(),
+            },
+        )
+        await journal.insert_entry(conn, draft, charged=charge)
+        after_commit(conn, metrics.CONSUMPTIONS.inc)
+        return Outcome(row.view())
 
     async def reverse(self, entry_id: int, command: ReverseCommand) -> Outcome[EntryView]:
         """Post the exact opposite of an entry (at most once, idempotent by reference)."""
