@@ -9,7 +9,7 @@ RUN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install serve test lint format migrate clean
+.PHONY: install serve test lint format migrate bench clean
 
 install: $(VENV)/.synced
 
@@ -30,6 +30,10 @@ migrate: install
 
 test: install
 	$(RUN)/pytest
+
+# The relay workload side by side with pgbench on one server; BENCH_ARGS passes options (ledger-service bench -h).
+bench: install
+	$(RUN)/ledger-service bench $(BENCH_ARGS)
 
 lint: install
 	$(RUN)/ruff check .

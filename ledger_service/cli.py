@@ -129,6 +129,22 @@ def render_reconciliation(report: ReconciliationView) -> str:
     return "\n".join(lines)
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger_service.bench import Options, main_bench
+
+    options = Options(
+        clients=args.clients,
+        users=args.users,
+        channels=args.channels,
+        duration=args.duration,
+        runs=args.runs,
+        workers=args.workers,
+        read_postings=args.read_postings,
+        scenarios=tuple(args.scenarios.split(",")),
+    )
+    return main_bench(options, args.json, lambda message: print(f"  ... {message}", file=sys.stderr, flush=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ledger-service", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "reconcile", help="recompute the books and check everything derived from them (exit 1 on any failure)"
     ).set_defaults(handler=cmd_reconcile)
+    bench = commands.add_parser(
+        "bench", help="the relay workload against the service, side by side with pgbench TPC-B on the same server"
+    )
+    bench.add_argument("--clients", type=int, default=16, help="concurrent relay clients (default 16)")
+    bench.add_argument("--users", type=int, default=100, help="users (and as many tokens) in the workload")
+    bench.add_argument("--channels", type=int, default=100, help="channels settlements are spread over")
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds per scenario and per pgbench run")
+    bench.add_argument("--runs", type=int, default=3, help="runs per scenario; medians are reported")
+    bench.add_argument("--workers", type=int, default=1, help="service worker processes")
+    bench.add_argument("--read-postings", type=int, default=1_000_000, help="postings of the large account")
+    bench.add_argument("--scenarios", default="single,batch,hot,reads", help="comma-separated subset to run")
+    bench.add_argument("--json", help="also write the figures to this JSON file")
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 

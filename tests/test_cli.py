@@ -74,3 +74,24 @@ def test_unknown_role_is_refused() -> None:
     result = run_cli("create-key", "--role", "root", "--name", "x")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+async def test_processes_starting_together_bootstrap_the_admin_key_once(database_url: str) -> None:
+    from ledger_service.db.engine import create_engine
+    from ledger_service.services.api_keys import ApiKeyService
+
+    engine = create_engine(database_url, pool_size=8)
+    try:
+        keys = ApiKeyService(engine)
+        created = await asyncio.gather(*(keys.ensure("lsk_bootstrap-race") for _ in range(8)))
+        assert sorted(created) == [False] * 7 + [True]
+    finally:
+        await engine.dispose()
+
+
+def test_libpq_sslmode_is_understood() -> None:
+    from ledger_service.db.engine import async_url
+
+    assert async_url("postgresql://u:p@db:5432/ledger?sslmode=require") == (
+        "postgresql+asyncpg://u:p@db:5432/ledger?ssl=require"
+    )

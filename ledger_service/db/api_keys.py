@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger_service.db import tables
@@ -40,8 +41,15 @@ async def active_by_hash(conn: AsyncConnection, key_hash: bytes) -> KeyRow | Non
     return None if row is None else KeyRow(id=row.id, name=row.name, role=row.role, key_hash=bytes(row.key_hash))
 
 
-async def exists_with_hash(conn: AsyncConnection, key_hash: bytes) -> bool:
-    return (await conn.scalar(select(tables.api_keys.c.id).where(tables.api_keys.c.key_hash == key_hash))) is not None
+async def insert_key_if_absent(conn: AsyncConnection, *, name: str, role: str, key_hash: bytes) -> bool:
+    """Insert a key unless one with this hash exists (revoked or not); True when this call inserted it."""
+    statement = (
+        pg_insert(tables.api_keys)
+        .values(name=name, role=role, key_hash=key_hash)
+        .on_conflict_do_nothing(index_elements=[tables.api_keys.c.key_hash])
+        .returning(tables.api_keys.c.id)
+    )
+    return (await conn.execute(statement)).first() is not None
 
 
 async def list_keys(conn: AsyncConnection) -> list[ApiKeyView]:

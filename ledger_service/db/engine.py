@@ -10,7 +10,10 @@ def async_url(url: str) -> str:
     """`postgresql://...` (as users and libpq write it) to SQLAlchemy's `postgresql+asyncpg://...`."""
     parsed = make_url(url)
     if parsed.drivername in {"postgresql", "postgres", "postgresql+asyncpg"}:
-        return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+        query = dict(parsed.query)
+        if "sslmode" in query:  # libpq's name for it; asyncpg calls it ssl and takes the same values
+            query["ssl"] = query.pop("sslmode")
+        return parsed.set(drivername="postgresql+asyncpg", query=query).render_as_string(hide_password=False)
     raise ValueError(f"not a PostgreSQL URL: {parsed.drivername}://...")
 
 

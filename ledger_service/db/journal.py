@@ -62,8 +62,12 @@ async def insert_entry(
     return entry
 
 
+_LATEST_HORIZON = "(SELECT coalesce(max(horizon), '0'::xid8) FROM snapshot_runs)"
+"""Where an account or subject with no snapshot row starts: having no row, it had nothing below this horizon.
+(Hold accounts are never snapshotted, so they always start from zero.)"""
+
 _BALANCES = text(
-    """
+    f"""
     SELECT a.account, a.ledger,
            (coalesce(s.balance, 0) + coalesce(d.delta, 0))::bigint AS balance
       FROM unnest(CAST(:accounts AS text[]), CAST(:ledgers AS text[])) AS a(account, ledger)
@@ -72,9 +76,10 @@ _BALANCES = text(
             SELECT sum(p.amount) AS delta
               FROM postings p
              WHERE p.account = a.account AND p.ledger = a.ledger
-               AND p.txid >= coalesce(s.horizon, '0'::xid8)
+               AND p.txid >= coalesce(
+                     s.horizon, CASE WHEN a.account LIKE 'hold:%' THEN '0'::xid8 ELSE {_LATEST_HORIZON} END)
       ) d ON true
-    """
+    """  # noqa: S608 - a fixed subquery
 )
 
 
@@ -106,7 +111,7 @@ _USAGE = {
                        - count(*) FILTER (WHERE e.kind = 'reversal') AS requests
                   FROM entries e
                  WHERE e.{column} = :subject_id AND e.charged IS NOT NULL
-                   AND e.txid >= coalesce(s.horizon, '0'::xid8)
+                   AND e.txid >= coalesce(s.horizon, {_LATEST_HORIZON})
           ) d ON true
         """  # noqa: S608 - the column name comes from the fixed set below, never from input
     )

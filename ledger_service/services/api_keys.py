@@ -79,10 +79,8 @@ class ApiKeyService:
         digest = hash_secret(secret)
 
         async def work(conn: AsyncConnection) -> bool:
-            if await api_keys.exists_with_hash(conn, digest):
-                return False
-            await api_keys.insert_key(conn, name=name, role=role, key_hash=digest)
-            return True
+            # Several processes starting together with a new secret all try: exactly one inserts it.
+            return await api_keys.insert_key_if_absent(conn, name=name, role=role, key_hash=digest)
 
         created: bool = await run_transaction(self.engine, work)
         return created
