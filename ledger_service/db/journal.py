@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, text
+from sqlalchemy import LargeBinary, bindparam, text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ledger_service.db import tables
 from ledger_service.domain.accounts import Ledger
 from ledger_service.domain.entries import EntryDraft
 from ledger_service.schemas import EntryView, PostingView
@@ -27,59 +27,82 @@ class StoredEntry:
     created_at: datetime
 
 
+_INSERT_ENTRY = text(
+    """
+    WITH entry AS (
+        INSERT INTO entries (kind, request_id, user_id, token_id, channel_id, reference, fingerprint, reverses,
+                             charged, details, hash)
+        VALUES (:kind, :request_id, :user_id, :token_id, :channel_id, :reference, :fingerprint, :reverses,
+                :charged, :details, :hash)
+        RETURNING id, created_at
+    ), posted AS (
+        INSERT INTO postings (entry_id, ledger, account, amount)
+        SELECT entry.id, p.ledger, p.account, p.amount
+          FROM entry, unnest(CAST(:ledgers AS text[]), CAST(:accounts AS text[]), CAST(:amounts AS bigint[]))
+               AS p(ledger, account, amount)
+    )
+    SELECT id, created_at FROM entry
+    """
+).bindparams(bindparam("details", type_=JSONB), bindparam("fingerprint", type_=LargeBinary))
+
+
 async def insert_entry(
     conn: AsyncConnection, draft: EntryDraft, *, charged: int | None = None, fingerprint: bytes | None = None
 ) -> StoredEntry:
-    """Insert a balanced draft and its postings. The database re-checks the balance at commit."""
+    """Insert a balanced draft and its postings, in one statement. The database re-checks the balance at commit."""
     row = (
         await conn.execute(
-            insert(tables.entries)
-            .values(
-                kind=str(draft.kind),
-                request_id=draft.request_id,
-                user_id=draft.user_id,
-                token_id=draft.token_id,
-                channel_id=draft.channel_id,
-                reference=draft.reference,
-                fingerprint=fingerprint,
-                reverses=draft.reverses,
-                charged=charged,
-                details=dict(draft.details),
-                hash=draft.content_hash(),
-            )
-            .returning(tables.entries.c.id, tables.entries.c.created_at)
+            _INSERT_ENTRY,
+            {
+                "kind": str(draft.kind),
+                "request_id": draft.request_id,
+                "user_id": draft.user_id,
+                "token_id": draft.token_id,
+                "channel_id": draft.channel_id,
+                "reference": draft.reference,
+                "fingerprint": fingerprint,
+                "reverses": draft.reverses,
+                "charged": charged,
+                "details": dict(draft.details),
+                "hash": draft.content_hash(),
+                "ledgers": [str(p.ledger) for p in draft.postings],
+                "accounts": [p.account for p in draft.postings],
+                "amounts": [p.amount for p in draft.postings],
+            },
         )
     ).one()
-    entry = StoredEntry(id=row.id, created_at=row.created_at)
-    if draft.postings:
-        await conn.execute(
-            insert(tables.postings),
-            [
-                {"entry_id": entry.id, "ledger": str(p.ledger), "account": p.account, "amount": p.amount}
-                for p in draft.postings
-            ],
-        )
-    return entry
+    return StoredEntry(id=row.id, created_at=row.created_at)
 
 
 _LATEST_HORIZON = "(SELECT coalesce(max(horizon), '0'::xid8) FROM snapshot_runs)"
 """Where an account or subject with no snapshot row starts: having no row, it had nothing below this horizon.
 (Hold accounts are never snapshotted, so they always start from zero.)"""
 
+
+def balance_expression(account: str, ledger: str) -> str:
+    """SQL for one balance: the account's snapshot row plus its postings at or above the row's horizon.
+
+    `account` and `ledger` are SQL expressions (bind parameters or columns). Every balance the service reads is
+    this expression, so there is one definition of what a balance is.
+    """
+    # account and ledger are SQL fragments chosen in code, never input.
+    return f"""(  -- one balance
+        SELECT (coalesce(s.balance, 0) + coalesce((
+                    SELECT sum(p.amount) FROM postings p
+                     WHERE p.account = {account} AND p.ledger = {ledger}
+                       AND p.txid >= coalesce(
+                             s.horizon,
+                             CASE WHEN {account} LIKE 'hold:%' THEN '0'::xid8 ELSE {_LATEST_HORIZON} END)), 0))::bigint
+          FROM (SELECT 1) one
+          LEFT JOIN balance_snapshots s ON s.account = {account} AND s.ledger = {ledger}
+    )"""  # noqa: S608
+
+
 _BALANCES = text(
     f"""
-    SELECT a.account, a.ledger,
-           (coalesce(s.balance, 0) + coalesce(d.delta, 0))::bigint AS balance
+    SELECT a.account, a.ledger, {balance_expression("a.account", "a.ledger")} AS balance
       FROM unnest(CAST(:accounts AS text[]), CAST(:ledgers AS text[])) AS a(account, ledger)
-      LEFT JOIN balance_snapshots s ON s.account = a.account AND s.ledger = a.ledger
-      LEFT JOIN LATERAL (
-            SELECT sum(p.amount) AS delta
-              FROM postings p
-             WHERE p.account = a.account AND p.ledger = a.ledger
-               AND p.txid >= coalesce(
-                     s.horizon, CASE WHEN a.account LIKE 'hold:%' THEN '0'::xid8 ELSE {_LATEST_HORIZON} END)
-      ) d ON true
-    """  # noqa: S608 - a fixed subquery
+    """  # noqa: S608 - fixed fragments
 )
 
 

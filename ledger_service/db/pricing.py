@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
@@ -29,11 +30,16 @@ _PRICES = text(
 async def prices_for(conn: AsyncConnection, *, model: str, group: str) -> Prices:
     """The ratios a request is priced with now; unknown models and groups get the defaults."""
     row = (await conn.execute(_PRICES, {"model": model, "group": group})).one()
+    return prices_of(row.model_ratio, row.completion_ratio, row.model_price, row.group_ratio)
+
+
+def prices_of(model_ratio: Any, completion_ratio: Any, model_price: Any, group_ratio: Any) -> Prices:
+    """Prices from a price row and a group row, either of which may be missing (the defaults then apply)."""
     return Prices(
-        model_ratio=DEFAULT_MODEL_RATIO if row.model_ratio is None else Decimal(row.model_ratio),
-        completion_ratio=DEFAULT_COMPLETION_RATIO if row.completion_ratio is None else Decimal(row.completion_ratio),
-        group_ratio=DEFAULT_GROUP_RATIO if row.group_ratio is None else Decimal(row.group_ratio),
-        model_price=None if row.model_price is None else Decimal(row.model_price),
+        model_ratio=DEFAULT_MODEL_RATIO if model_ratio is None else Decimal(model_ratio),
+        completion_ratio=DEFAULT_COMPLETION_RATIO if completion_ratio is None else Decimal(completion_ratio),
+        group_ratio=DEFAULT_GROUP_RATIO if group_ratio is None else Decimal(group_ratio),
+        model_price=None if model_price is None else Decimal(model_price),
     )
 
 

@@ -11,7 +11,8 @@ from typing import Any
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ledger_service.db import tables
+from ledger_service.db import journal, pricing, tables
+from ledger_service.domain import accounts
 from ledger_service.domain.lifecycle import RequestKind, RequestStatus
 from ledger_service.domain.pricing import Prices
 from ledger_service.schemas import HoldView
@@ -199,3 +200,56 @@ async def lock_requests(conn: AsyncConnection, request_ids: Iterable[str]) -> No
             ),
             {"ids": ids},
         )
+
+
+@dataclass(frozen=True, slots=True)
+class HoldInputs:
+    """Everything a hold decides on, read in one statement once the user's lock is held."""
+
+    request_exists: bool
+    token_user_id: int | None
+    token_unlimited: bool
+    available: int
+    token_remaining: int
+    prices: Prices
+
+
+_HOLD_INPUTS = text(
+    f"""
+    SELECT EXISTS (SELECT 1 FROM requests WHERE request_id = :request_id) AS request_exists,
+           t.user_id AS token_user_id, coalesce(t.unlimited, true) AS token_unlimited,
+           {journal.balance_expression("CAST(:user_account AS text)", "'quota'")} AS available,
+           {journal.balance_expression("CAST(:token_account AS text)", "'allowance'")} AS token_remaining,
+           m.model_ratio, m.completion_ratio, m.model_price, g.group_ratio
+      FROM (SELECT 1) one
+      LEFT JOIN tokens t ON t.token_id = :token_id
+      LEFT JOIN model_prices m ON m.model = :model
+      LEFT JOIN group_ratios g ON g.group_name = :group
+    """  # noqa: S608 - fixed fragments
+)
+
+
+async def hold_inputs(
+    conn: AsyncConnection, *, request_id: str, user_id: int, token_id: int, model: str, group: str
+) -> HoldInputs:
+    row = (
+        await conn.execute(
+            _HOLD_INPUTS,
+            {
+                "request_id": request_id,
+                "user_account": accounts.user(user_id),
+                "token_account": accounts.token(token_id),
+                "token_id": token_id,
+                "model": model,
+                "group": group,
+            },
+        )
+    ).one()
+    return HoldInputs(
+        request_exists=row.request_exists,
+        token_user_id=row.token_user_id,
+        token_unlimited=row.token_unlimited,
+        available=int(row.available),
+        token_remaining=int(row.token_remaining),
+        prices=pricing.prices_of(row.model_ratio, row.completion_ratio, row.model_price, row.group_ratio),
+    )

@@ -27,6 +27,7 @@ UNIQUE_VIOLATION = "23505"
 RETRYABLE_SQLSTATES = frozenset({SERIALIZATION_FAILURE, DEADLOCK_DETECTED})
 
 MAX_ATTEMPTS = 10
+DEFAULT_ISOLATION = "READ COMMITTED"
 
 
 class DatabaseUnavailable(Exception):
@@ -90,7 +91,7 @@ async def run_transaction(
     engine: AsyncEngine,
     work: Callable[[AsyncConnection], Awaitable[T]],
     *,
-    isolation_level: str = "READ COMMITTED",
+    isolation_level: str = DEFAULT_ISOLATION,
     attempts: int = MAX_ATTEMPTS,
 ) -> T:
     """Run `work` in a transaction and commit it; retry the whole of it on 40001, 40P01 or RetryTransaction.
@@ -103,7 +104,8 @@ async def run_transaction(
             token = _after_commit.set(callbacks)
             try:
                 async with engine.connect() as conn:
-                    await conn.execution_options(isolation_level=isolation_level)
+                    if isolation_level != DEFAULT_ISOLATION:  # the server's default needs no statement
+                        await conn.execution_options(isolation_level=isolation_level)
                     async with conn.begin():
                         result = await work(conn)
             finally:

@@ -2,8 +2,10 @@
 
 This is the high-throughput path: one commit (one WAL flush) for up to 1000 operations instead of one each.
 
-- Not atomic (the default): each operation runs inside a savepoint; a refused one is rolled back to its savepoint
-  and answered with its problem, the others stand.
+- Not atomic (the default): a refused operation is answered with its problem, the others stand. No savepoint is
+  needed: every lifecycle operation decides whether to refuse before its first write (a rule of
+  services/ledger.py, tested), so a refused operation has written nothing. A lost race for a request_id (the one
+  failure that comes from a write) re-runs the whole batch, whose operations are all idempotent.
 - Atomic: the first refusal rolls the whole transaction back; that operation gets its problem, every other one a
   `batch_aborted` problem naming it.
 
@@ -24,7 +26,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger_service.db import locks, requests
-from ledger_service.db.transactions import UNIQUE_VIOLATION, constraint_of, run_transaction, sqlstate_of
+from ledger_service.db.transactions import (
+    UNIQUE_VIOLATION,
+    RetryTransaction,
+    constraint_of,
+    run_transaction,
+    sqlstate_of,
+)
 from ledger_service.domain import errors
 from ledger_service.schemas import (
     BatchCommand,
@@ -124,38 +132,22 @@ class BatchService:
                     continue
                 assert item.run is not None
                 created_status = 201 if item.operation.op in ("hold", "consume") else 200
-                if command.atomic:
-                    try:
-                        results.append(_answered(await item.run(conn), created_status))
-                    except errors.LedgerError as error:
+                try:
+                    results.append(_answered(await item.run(conn), created_status))
+                except errors.LedgerError as error:
+                    if command.atomic:
                         raise _RollBack(self._aborted(prepared, index, error)) from error
-                else:
-                    results.append(await self._in_savepoint(conn, item, created_status))
+                    results.append(_refused(error))  # refused before writing anything: nothing to undo
+                except IntegrityError as error:
+                    if sqlstate_of(error) == UNIQUE_VIOLATION and constraint_of(error) in IDEMPOTENCY_CONSTRAINTS:
+                        raise RetryTransaction from error  # run the batch again: the winner's row is found then
+                    raise
             return results
 
         try:
             return BatchView(results=await run_transaction(self.ledger.engine, work))
         except _RollBack as rolled_back:
             return BatchView(results=rolled_back.results)
-
-    async def _in_savepoint(self, conn: AsyncConnection, item: _Prepared, created_status: int) -> BatchResultView:
-        assert item.run is not None
-        for attempt in (1, 2):
-            savepoint = await conn.begin_nested()
-            try:
-                outcome = await item.run(conn)
-            except errors.LedgerError as error:
-                await savepoint.rollback()
-                return _refused(error)
-            except IntegrityError as error:
-                await savepoint.rollback()
-                lost_race = sqlstate_of(error) == UNIQUE_VIOLATION and constraint_of(error) in IDEMPOTENCY_CONSTRAINTS
-                if not lost_race or attempt == 2:
-                    raise
-                continue  # another transaction took this request_id first: run again to find its row
-            await savepoint.commit()
-            return _answered(outcome, created_status)
-        raise AssertionError("unreachable")
 
     @staticmethod
     def _aborted(prepared: list[_Prepared], failed: int, error: errors.LedgerError | None) -> list[BatchResultView]:

@@ -1,5 +1,8 @@
 """The ledger's operations: funding, token allowances, and the request lifecycle.
 
+Rule: an operation decides whether to refuse (raise a LedgerError) before its first write. Batches rely on it: a
+refused operation has written nothing, so it needs no savepoint to undo (services/batch.py).
+
 Each public method is one database transaction run by `run_transaction` (committed here, retried whole on
 serialization failures and deadlocks). The methods decide with the domain functions and write with the db
 modules; they never build SQL and never see HTTP.
@@ -197,18 +200,35 @@ class LedgerService:
         digest = fingerprint("hold", _body(command))
         settings = self.settings
 
-        # One lock per user: holds of a user (and of its tokens) are checked and posted one at a time.
+        # One lock per user: holds of a user (and of its tokens) are checked and posted one at a time. Then one
+        # statement reads all the hold decides on; under READ COMMITTED it sees what the lock's last holder wrote.
         await locks.lock_user(conn, command.user_id)
-        existing = await requests.get(conn, command.request_id)
-        if existing is not None:
+        inputs = await requests.hold_inputs(
+            conn,
+            request_id=command.request_id,
+            user_id=command.user_id,
+            token_id=command.token_id,
+            model=command.model,
+            group=command.group,
+        )
+        if inputs.request_exists:
+            existing = await requests.get(conn, command.request_id)
+            assert existing is not None
             return _replay(existing, RequestKind.HOLD, digest)
         token = check_token(
-            await self._token_state(conn, command.token_id),
+            None
+            if inputs.token_user_id is None
+            else TokenState(
+                token_id=command.token_id,
+                user_id=inputs.token_user_id,
+                unlimited=inputs.token_unlimited,
+                remaining=0 if inputs.token_unlimited else inputs.token_remaining,
+            ),
             token_id=command.token_id,
             user_id=command.user_id,
         )
-        available = await journal.balance(conn, accounts.user(command.user_id), Ledger.QUOTA)
-        prices = await pricing.prices_for(conn, model=command.model, group=command.group)
+        available = inputs.available
+        prices = inputs.prices
         estimate = (
             command.amount
             if command.amount is not None
