@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import TypeVar
@@ -44,19 +46,34 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             migrate(url)
         # Workers (and the app factory in this process) read the URL from the environment.
         os.environ["LEDGER_DATABASE_URL"] = url
-        uvicorn.run(
-            "ledger_service.api.app:serve_app",
-            factory=True,
-            host=host,
-            port=port,
-            workers=settings.workers,
-            loop="uvloop",
-            http="httptools",
-            log_level="info",
-            log_config=None,  # ours (configure_logging): JSON lines, secrets redacted
-            access_log=False,  # ours (api/middleware.py) names the route and the key
-        )
+        metrics_dir = _shared_metrics_dir(settings.workers)
+        try:
+            uvicorn.run(
+                "ledger_service.api.app:serve_app",
+                factory=True,
+                host=host,
+                port=port,
+                workers=settings.workers,
+                loop="uvloop",
+                http="httptools",
+                log_level="info",
+                log_config=None,  # ours (configure_logging): JSON lines, secrets redacted
+                access_log=False,  # ours (api/middleware.py) names the route and the key
+            )
+        finally:
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _shared_metrics_dir(workers: int) -> str | None:
+    """With several workers, each keeps its own metrics; prometheus-client's multiprocess mode adds them up, in a
+    directory of files every worker writes to. One worker needs none of this."""
+    if workers <= 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    directory = tempfile.mkdtemp(prefix="ledger-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    return directory
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:

@@ -13,10 +13,17 @@ HOLDS_SETTLED = Counter("ledger_holds_settled_total", "Holds settled", ["late"])
 HOLDS_REFUNDED = Counter("ledger_holds_refunded_total", "Holds refunded by a refund call")
 HOLDS_EXPIRED = Counter("ledger_holds_expired_total", "Holds expired (by the sweeper or the first call after expiry)")
 CONSUMPTIONS = Counter("ledger_consumptions_total", "Charges recorded without a hold")
+# The gauges read the database, so every process reports the same value: with several workers, the largest live one.
 SWEEPER_LAG = Gauge(
-    "ledger_sweeper_lag_seconds", "How long the most overdue open hold has been past its expiry (0: none overdue)"
+    "ledger_sweeper_lag_seconds",
+    "How long the most overdue open hold has been past its expiry (0: none overdue)",
+    multiprocess_mode="livemax",
 )
-SNAPSHOT_AGE = Gauge("ledger_snapshot_age_seconds", "Time since the latest snapshot refresh (any process)")
-UNSEALED_ENTRIES = Gauge("ledger_unsealed_entries", "Entries not yet sealed into the hash chain")
+SNAPSHOT_AGE = Gauge(
+    "ledger_snapshot_age_seconds", "Time since the latest snapshot refresh (any process)", multiprocess_mode="livemax"
+)
+UNSEALED_ENTRIES = Gauge(
+    "ledger_unsealed_entries", "Entries not yet sealed into the hash chain", multiprocess_mode="livemax"
+)
 BACKGROUND_FAILURES = Counter("ledger_background_failures_total", "Failed rounds of a background job", ["job"])
 RATE_LIMITED = Counter("ledger_rate_limited_total", "Requests refused by the per-key rate limit")

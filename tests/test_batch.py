@@ -152,3 +152,36 @@ async def test_concurrent_batches_over_the_same_users_do_not_deadlock(ledger: Le
 async def test_batches_need_a_writing_role(ledger: Ledger) -> None:
     response = await ledger.post("/v1/batch", {"operations": [hold("x")]}, as_="auditor")
     assert (response.status_code, response.json()["code"]) == (403, "forbidden")
+
+
+CONSUMED = {"user_id": 1, "token_id": 1, "channel_id": 1, "model": "gpt-4o", "prompt_tokens": 1, "completion_tokens": 1}
+SETTLED = {"channel_id": 1, "prompt_tokens": 0, "completion_tokens": 0}
+
+
+async def test_refusals_write_nothing_even_without_a_savepoint(funded: Ledger) -> None:
+    """Batches rely on every operation refusing before its first write: a batch of refusals leaves no trace."""
+    await batch(funded, [hold("taken"), hold("done"), settle("done"), hold("gone")])
+    await batch(funded, [{"op": "refund", "request_id": "gone", "body": {}}])
+    await funded.put("/v1/tokens/9", {"user_id": 2, "unlimited": True})
+    counts = (
+        "SELECT (SELECT count(*) FROM entries) * 1000000 + (SELECT count(*) FROM postings) * 1000"
+        " + (SELECT count(*) FROM requests)"
+    )
+    before = await funded.count(counts)
+    snapshot = await funded.conn.fetch("SELECT request_id, status, charged FROM requests ORDER BY request_id")
+    refusals = [
+        hold("poor", amount=10**6),  # insufficient_user_quota
+        hold("no-token", token_id=404),  # token_not_found
+        hold("not-mine", token_id=9),  # token_user_mismatch
+        hold("taken", prompt_tokens=1),  # idempotency_conflict
+        settle("nothing-here"),  # hold_not_found
+        settle("done", completion=999),  # hold_already_settled
+        settle("gone"),  # hold_already_refunded
+        {"op": "refund", "request_id": "done", "body": {}},  # hold_already_settled
+        {"op": "consume", "request_id": "taken", "body": CONSUMED},  # idempotency_conflict
+        {"op": "settle", "request_id": "taken", "body": {**SETTLED, "quota": 10**15 + 1}},  # validation_error
+    ]
+    results = await batch(funded, refusals)
+    assert all(r["status"] >= 400 for r in results), results
+    assert await funded.count(counts) == before
+    assert await funded.conn.fetch("SELECT request_id, status, charged FROM requests ORDER BY request_id") == snapshot

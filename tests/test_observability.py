@@ -125,3 +125,27 @@ def test_secrets_are_redacted_from_any_log_record() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "got %s", ("bearer s3cr3t",), None)
     assert RedactingFilter().filter(record)
     assert json.loads(JsonFormatter().format(record))["message"] == "got bearer [redacted]"
+
+
+async def test_metrics_add_up_across_worker_processes(database_url: str) -> None:
+    """With two workers, every scrape (whichever worker answers it) counts the requests of both."""
+    service = ServiceProcess(database_url, settings={"LEDGER_WORKERS": "2", "LEDGER_LOG_FORMAT": "text"})
+    try:
+        await service.start()
+        async with httpx.AsyncClient(base_url=service.url, timeout=30) as http:
+            for _ in range(20):
+                assert (await http.get("/v1/users/1", headers=AUTH)).status_code == 200
+            seen = set()
+            for _ in range(6):
+                response = await http.get("/metrics", headers={"Connection": "close"})
+                for family in text_string_to_metric_families(response.text):
+                    for sample in family.samples:
+                        if (
+                            sample.name == "ledger_http_requests_total"
+                            and sample.labels.get("path") == "/v1/users/{user_id}"
+                        ):
+                            seen.add(sample.value)
+            assert seen == {20.0}
+    finally:
+        await service.stop()
+        service.close()

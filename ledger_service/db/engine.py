@@ -21,6 +21,9 @@ def create_engine(url: str, *, pool_size: int = 20, application_name: str = "led
     """A pooled engine. Pool size is fixed (no overflow) so the connection budget per process is known."""
     return create_async_engine(
         async_url(url),
+        # Pinned, whatever the server's default_transaction_isolation: the hold's correctness rests on READ
+        # COMMITTED (each statement after the user lock sees the last holder's commit; docs/accounting.md).
+        isolation_level="READ COMMITTED",
         pool_size=pool_size,
         max_overflow=0,
         pool_timeout=10,

@@ -104,7 +104,7 @@ async def run_transaction(
             token = _after_commit.set(callbacks)
             try:
                 async with engine.connect() as conn:
-                    if isolation_level != DEFAULT_ISOLATION:  # the server's default needs no statement
+                    if isolation_level != DEFAULT_ISOLATION:  # the engine's own level needs no statement
                         await conn.execution_options(isolation_level=isolation_level)
                     async with conn.begin():
                         result = await work(conn)
