@@ -140,3 +140,16 @@ async def test_a_new_token_raced_by_two_users_belongs_to_one(ledger: Ledger) -> 
             assert (response.status_code, response.json()["code"]) == (409, "token_user_mismatch")
     assert (await ledger.token_view(77))["remaining"] == 100 * owner
     await ledger.assert_books_balance()
+
+
+async def test_holds_stay_serialized_when_the_database_defaults_to_repeatable_read(ledger: Ledger) -> None:
+    """The hold's argument needs READ COMMITTED; the engine pins it, whatever the database's default says."""
+    await ledger.conn.execute(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = ''repeatable read''',"
+        " current_database()); END $$"
+    )
+    await ledger.fund(1, 10 * ESTIMATE)
+    await ledger.token(1, 1)
+    responses = await fifty_holds(ledger)
+    assert codes(responses) == {"201": 10, "insufficient_user_quota": 40}
+    assert (await ledger.user(1))["available"] == 0
