@@ -96,6 +96,13 @@ def _body(command: msgspec.Struct) -> dict[str, Any]:
     return msgspec.to_builtins(command)  # type: ignore[no-any-return]
 
 
+def _charge(prices: Prices, command: SettleCommand | ConsumptionCommand) -> int:
+    """What a settlement or consumption charges: its explicit quota, else the priced charge of its tokens."""
+    if command.quota is not None:
+        return command.quota
+    return _priced(prices.charge, prompt_tokens=command.prompt_tokens, completion_tokens=command.completion_tokens)
+
+
 def _priced(compute: Callable[..., int], **kwargs: int) -> int:
     try:
         return int(compute(**kwargs))
@@ -306,15 +313,7 @@ class LedgerService:
         mode = plan_settle(status=row.status, due=row.due, settled_with=row.settle_fingerprint, fingerprint=digest)
         if mode is SettleMode.REPLAY:
             return Outcome(row.view(), created=False, replayed=True)
-        charge = (
-            command.quota
-            if command.quota is not None
-            else _priced(
-                row.prices.charge,
-                prompt_tokens=command.prompt_tokens,
-                completion_tokens=command.completion_tokens,
-            )
-        )
+        charge = _charge(row.prices, command)
         if mode is SettleMode.EXPIRE_THEN_LATE:
             await self._release(conn, row, EntryKind.EXPIRE, {"reason": "expired"})
             after_commit(conn, metrics.HOLDS_EXPIRED.inc)
@@ -420,15 +419,7 @@ class LedgerService:
             user_id=command.user_id,
         )
         prices = await pricing.prices_for(conn, model=command.model, group=command.group)
-        charge = (
-            command.quota
-            if command.quota is not None
-            else _priced(
-                prices.charge,
-                prompt_tokens=command.prompt_tokens,
-                completion_tokens=command.completion_tokens,
-            )
-        )
+        charge = _charge(prices, command)
         row = await requests.insert_request(
             conn,
             request_id=command.request_id,
