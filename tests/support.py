@@ -112,3 +112,42 @@ async def backdate(conn: asyncpg.Connection[Any], request_id: str) -> None:
         await conn.execute(
             "UPDATE requests SET expires_at = now() - interval '1 second' WHERE request_id = $1", request_id
         )
+
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def assert_problem(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
+    """The response is an RFC 9457 problem with this status (and code), shaped as the contract says."""
+    request = f"{response.request.method} {response.request.url}"
+    assert response.status_code == status, f"{request} -> {response.status_code} {response.text}"
+    content_type = response.headers.get("content-type", "")
+    assert content_type.split(";")[0].strip() == PROBLEM_JSON, f"{request} -> content-type {content_type!r}"
+    body = response.json()
+    assert isinstance(body, dict), f"{request} -> {response.text}"
+    for field in ("type", "title", "detail", "code"):
+        assert isinstance(body.get(field), str), f"{request} -> {field} missing: {response.text}"
+    assert body["title"], f"{request} -> empty title: {response.text}"
+    assert body.get("status") == status, f"{request} -> {response.text}"
+    if code is not None:
+        assert body["code"] == code, f"{request} -> {response.text}"
+    return body
+
+
+STATE_SQL = """
+SELECT
+    (SELECT count(*) FROM entries) AS entries,
+    (SELECT count(*) FROM postings) AS postings,
+    (SELECT string_agg(t::text, ' | ' ORDER BY t.request_id) FROM requests t) AS requests,
+    (SELECT string_agg(t::text, ' | ' ORDER BY t.token_id) FROM tokens t) AS tokens,
+    (SELECT string_agg(t::text, ' | ' ORDER BY t.id) FROM api_keys t) AS api_keys,
+    (SELECT string_agg(t::text, ' | ' ORDER BY t.model) FROM model_prices t) AS model_prices,
+    (SELECT string_agg(t::text, ' | ' ORDER BY t.group_name) FROM group_ratios t) AS group_ratios
+"""
+
+
+async def db_state(ledger: Ledger) -> dict[str, Any]:
+    """Everything a write could touch: the append-only tables by count, the others by content (one round trip)."""
+    row = await ledger.conn.fetchrow(STATE_SQL)
+    assert row is not None
+    return dict(row.items())

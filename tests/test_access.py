@@ -14,9 +14,8 @@ import httpx
 import pytest
 from litestar import Litestar
 
-from tests.support import ADMIN_SECRET, Ledger
+from tests.support import ADMIN_SECRET, Ledger, assert_problem, db_state
 
-PROBLEM_JSON = "application/problem+json"
 ROLES = ("admin", "relay", "auditor")
 ALL = frozenset(ROLES)
 RELAY_WRITE = frozenset({"admin", "relay"})
@@ -116,39 +115,6 @@ BAD_CALLERS = (
 
 
 # Helpers ---------------------------------------------------------------------------------------------------------
-
-
-def assert_problem(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
-    request = f"{response.request.method} {response.request.url.path}"
-    assert response.status_code == status, f"{request} -> {response.status_code} {response.text}"
-    content_type = response.headers.get("content-type", "")
-    assert content_type.split(";")[0].strip() == PROBLEM_JSON, f"{request} -> content-type {content_type!r}"
-    body = response.json()
-    assert isinstance(body, dict), f"{request} -> {response.text}"
-    for field in ("type", "title", "detail", "code"):
-        assert isinstance(body.get(field), str), f"{request} -> no {field}: {response.text}"
-    assert body.get("status") == status, f"{request} -> {response.text}"
-    if code is not None:
-        assert body["code"] == code, f"{request} -> {response.text}"
-    return body
-
-
-STATE_SQL = """
-SELECT
-    (SELECT count(*) FROM entries) AS entries,
-    (SELECT count(*) FROM postings) AS postings,
-    (SELECT string_agg(t::text, ' | ' ORDER BY t.request_id) FROM requests t) AS requests,
-    (SELECT string_agg(t::text, ' | ' ORDER BY t.token_id) FROM tokens t) AS tokens,
-    (SELECT string_agg(t::text, ' | ' ORDER BY t.id) FROM api_keys t) AS api_keys,
-    (SELECT string_agg(t::text, ' | ' ORDER BY t.model) FROM model_prices t) AS model_prices,
-    (SELECT string_agg(t::text, ' | ' ORDER BY t.group_name) FROM group_ratios t) AS group_ratios
-"""
-
-
-async def db_state(ledger: Ledger) -> dict[str, Any]:
-    row = await ledger.conn.fetchrow(STATE_SQL)
-    assert row is not None
-    return dict(row.items())
 
 
 async def create_key(ledger: Ledger, role: str, name: str = "access test key") -> dict[str, Any]:

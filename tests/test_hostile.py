@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 import pytest
 
 from ledger_service.settings import Settings
-from tests.support import ADMIN_SECRET, Ledger
+from tests.support import ADMIN_SECRET, Ledger, assert_problem
 
 BODY_LIMIT = 4096
 
@@ -25,12 +24,6 @@ def settings(database_url: str) -> Settings:
         rate_limit_per_second=0.5,
         rate_limit_burst=40,
     )
-
-
-def assert_problem(response: httpx.Response, status: int, code: str) -> None:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    assert response.json()["code"] == code
 
 
 async def counts(ledger: Ledger) -> tuple[int, int]:

@@ -16,11 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import Ledger
+from tests.support import Ledger, assert_problem, db_state
 
 MAX_ID = 2**63 - 1
 MAX_AMOUNT = 10**15
-PROBLEM_JSON = "application/problem+json"
 KEY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
 
 OPEN_HOLD = "open-hold-1"
@@ -32,44 +31,6 @@ NEW_TOKEN = 2
 
 
 # Helpers ---------------------------------------------------------------------------------------------------------
-
-
-def assert_problem(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
-    """The response is an RFC 9457 problem with this status (and code), shaped as the contract says."""
-    request = f"{response.request.method} {response.request.url}"
-    assert response.status_code == status, f"{request} -> {response.status_code} {response.text}"
-    content_type = response.headers.get("content-type", "")
-    assert content_type.split(";")[0].strip() == PROBLEM_JSON, f"{request} -> content-type {content_type!r}"
-    body = response.json()
-    assert isinstance(body, dict), f"{request} -> {response.text}"
-    for field in ("type", "title", "detail"):
-        assert isinstance(body.get(field), str), f"{request} -> {field} missing: {response.text}"
-    assert body["title"], f"{request} -> empty title: {response.text}"
-    assert body.get("status") == status, f"{request} -> {response.text}"
-    if code is not None:
-        assert body.get("code") == code, f"{request} -> {response.text}"
-    else:
-        assert isinstance(body.get("code"), str), f"{request} -> {response.text}"
-    return body
-
-
-STATE_SQL = """
-SELECT
-    (SELECT count(*) FROM entries) AS entries,
-    (SELECT count(*) FROM postings) AS postings,
-    (SELECT string_agg(t::text, ' | ' ORDER BY t.request_id) FROM requests t) AS requests,
-    (SELECT string_agg(t::text, ' | ' ORDER BY t.token_id) FROM tokens t) AS tokens,
-    (SELECT string_agg(t::text, ' | ' ORDER BY t.id) FROM api_keys t) AS api_keys,
-    (SELECT string_agg(t::text, ' | ' ORDER BY t.model) FROM model_prices t) AS model_prices,
-    (SELECT string_agg(t::text, ' | ' ORDER BY t.group_name) FROM group_ratios t) AS group_ratios
-"""
-
-
-async def db_state(ledger: Ledger) -> dict[str, Any]:
-    """Everything a write could touch: the append-only tables by count, the others by content (one round trip)."""
-    row = await ledger.conn.fetchrow(STATE_SQL)
-    assert row is not None
-    return dict(row.items())
 
 
 def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from litestar.handlers.base import BaseRouteHandler
 from ledger_service.api.ratelimit import RateLimiter
 from ledger_service.domain import errors
 from ledger_service.metrics import RATE_LIMITED
-from ledger_service.services.api_keys import ApiKeyService, Principal
+from ledger_service.services.api_keys import ApiKeyService
 
 ADMIN = "admin"
 RELAY = "relay"
@@ -59,8 +59,3 @@ async def require_role(connection: ASGIConnection[Any, Any, Any, Any], handler: 
         raise errors.Forbidden(
             f"the {principal.role} role may not call {connection.scope.get('method', '')} {connection.url.path}"
         )
-
-
-def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
-    found: Principal = connection.state.principal
-    return found

@@ -17,7 +17,6 @@ Hold accounts are not snapshotted: each has at most four postings in its life, s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -150,11 +149,6 @@ async def refresh(conn: AsyncConnection, *, checkpoint_every: float = 3600.0) ->
         {"run_id": run_id, "keep": RUN_RETENTION_SECONDS},
     )
     return SnapshotRun(horizon=horizon, accounts_changed=accounts_changed, subjects_changed=subjects_changed)
-
-
-async def latest_run_at(conn: AsyncConnection) -> datetime | None:
-    found = await conn.scalar(text("SELECT max(taken_at) FROM snapshot_runs"))
-    return found if isinstance(found, datetime) else None
 
 
 @dataclass(frozen=True, slots=True)

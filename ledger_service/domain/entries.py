@@ -71,10 +71,6 @@ class EntryDraft:
         if unbalanced:
             raise UnbalancedEntry(f"{self.kind} entry does not balance: {unbalanced}")
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.postings
-
     def content_hash(self) -> bytes:
         """SHA-256 of the entry's content in a canonical JSON form (see `canonical_content`)."""
         return content_hash(

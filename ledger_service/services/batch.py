@@ -100,7 +100,11 @@ class BatchService:
                     raise errors.ValidationFailed("body.request_id differs from the operation's request_id")
                 if operation.op == "hold":
                     hold = msgspec.convert(body, HoldCommand, strict=True)
-                    return _Prepared(operation, lambda conn: ledger.open_hold_in(conn, hold), user_id=hold.user_id)
+                    return _Prepared(
+                        operation,
+                        lambda conn: ledger.open_hold_in(conn, hold, user_locked=True),  # locked up front in run()
+                        user_id=hold.user_id,
+                    )
                 consume = msgspec.convert(body, ConsumptionCommand, strict=True)
                 return _Prepared(operation, lambda conn: ledger.consume_in(conn, consume))
             if operation.op == "settle":

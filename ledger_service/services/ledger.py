@@ -202,14 +202,20 @@ class LedgerService:
         """Reserve the estimate from the user's quota (and a limited token's allowance), or refuse."""
         return await self._transaction(lambda conn: self.open_hold_in(conn, command))
 
-    async def open_hold_in(self, conn: AsyncConnection, command: HoldCommand) -> Outcome[HoldView]:
-        """Open hold, in the caller's transaction (one call, or one operation of a batch)."""
+    async def open_hold_in(
+        self, conn: AsyncConnection, command: HoldCommand, *, user_locked: bool = False
+    ) -> Outcome[HoldView]:
+        """Open hold, in the caller's transaction (one call, or one operation of a batch).
+
+        `user_locked`: the caller already holds the user's lock (a batch takes all of them up front).
+        """
         digest = fingerprint("hold", _body(command))
         settings = self.settings
 
         # One lock per user: holds of a user (and of its tokens) are checked and posted one at a time. Then one
         # statement reads all the hold decides on; under READ COMMITTED it sees what the lock's last holder wrote.
-        await locks.lock_user(conn, command.user_id)
+        if not user_locked:
+            await locks.lock_user(conn, command.user_id)
         inputs = await requests.hold_inputs(
             conn,
             request_id=command.request_id,
