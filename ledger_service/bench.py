@@ -391,6 +391,34 @@ async def refresh_and_check(url: str, *, full_reconciliation: bool, seal: bool =
         await engine.dispose()
 
 
+PROFILE_GROUPS = ("sqlalchemy", "asyncpg", "litestar", "uvicorn", "ledger_service", "msgspec", "prometheus_client")
+
+
+def profile_breakdown(raw: str) -> dict[str, float]:
+    """Share of samples by the library of the innermost frame, from py-spy's `raw` (collapsed stacks) output."""
+    counts: dict[str, int] = {}
+    for line in raw.splitlines():
+        stack, _, number = line.rpartition(" ")
+        if not stack or not number.isdigit():
+            continue
+        leaf = stack.split(";")[-1]
+        group = next((name for name in PROFILE_GROUPS if f"({name}/" in leaf or f"/{name}/" in leaf), "other")
+        counts[group] = counts.get(group, 0) + int(number)
+    total = sum(counts.values()) or 1
+    return {group: round(count / total, 3) for group, count in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
+async def sample_service(pid: int, seconds: float, output: str) -> dict[str, float]:
+    """Sample the service process with py-spy (a dev dependency) for `seconds`; the raw stacks go to `output`."""
+    py_spy = str(Path(sys.executable).parent / "py-spy")
+    process = await asyncio.create_subprocess_exec(
+        py_spy, "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", "200", "-f", "raw", "-o", output,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    await process.wait()
+    return profile_breakdown(await asyncio.to_thread(Path(output).read_text))
+
+
 @dataclass(frozen=True)
 class Options:
     clients: int = 16
@@ -401,6 +429,8 @@ class Options:
     workers: int = 1
     read_postings: int = 1_000_000
     scenarios: tuple[str, ...] = ("single", "batch", "hot", "reads")
+    profile: str | None = None
+    """Write py-spy's raw stacks of the service, sampled during the first single-call run, to this file."""
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -444,9 +474,13 @@ async def run_benchmark(options: Options, say: Callable[[str], None]) -> dict[st
                     chosen = (
                         Workload(workload.clients, workload.users, 1, workload.duration) if name == "hot" else workload
                     )
-                    measured = await drive(
-                        "127.0.0.1", service.port, admin, chosen, f"r{run}-{name}", batched=name == "batch"
-                    )
+                    driving = drive("127.0.0.1", service.port, admin, chosen, f"r{run}-{name}", batched=name == "batch")
+                    if options.profile and name == "single" and run == 0:
+                        sampled = sample_service(service.process.pid, options.duration - 1, options.profile)
+                        measured, results["profile"] = await asyncio.gather(driving, sampled)
+                        say(f"service CPU by library (py-spy): {results['profile']}")
+                    else:
+                        measured = await driving
                     runs[name].append(measured)
                     say(
                         f"run {run + 1}/{options.runs} {name}: {measured.ops_per_second:.0f} ops/s,"

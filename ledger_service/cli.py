@@ -158,6 +158,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         workers=args.workers,
         read_postings=args.read_postings,
         scenarios=tuple(args.scenarios.split(",")),
+        profile=args.profile,
     )
     return main_bench(options, args.json, lambda message: print(f"  ... {message}", file=sys.stderr, flush=True))
 
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--read-postings", type=int, default=1_000_000, help="postings of the large account")
     bench.add_argument("--scenarios", default="single,batch,hot,reads", help="comma-separated subset to run")
     bench.add_argument("--json", help="also write the figures to this JSON file")
+    bench.add_argument(
+        "--profile", help="sample the service with py-spy during the first single-call run; raw stacks to this file"
+    )
     bench.set_defaults(handler=cmd_bench)
     return parser
 
