@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from ledger_service.db import locks
+from ledger_service.db import lifecycle as lifecycle_db
+from ledger_service.domain.planning import Plan
 from tests.support import Ledger
 
 ESTIMATE = 2000  # gpt-4o, prompt 100 + max 200 + 500 pre-consumed, x 2.5
@@ -51,13 +52,17 @@ async def test_fifty_concurrent_holds_on_a_token_capped_for_ten(ledger: Ledger) 
     await ledger.assert_books_balance()
 
 
-async def test_without_the_user_lock_the_same_load_oversells(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Control: the tests above can fail. Remove the lock and the 50 holds oversell the quota."""
+async def test_without_the_plans_premises_and_locks_the_same_load_oversells(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Control: the tests above can fail. Apply every plan without its premises and without the users' locks, and
+    the 50 holds, each planned from a balance read before the others committed, oversell the quota."""
+    unguarded = lifecycle_db._plan_document
 
-    async def no_lock(conn: Any, user_id: int) -> None:
-        return None
+    def without_guards(plan: Plan, *, with_premises: bool) -> dict[str, Any]:
+        return unguarded(plan, with_premises=False) | {"lock_users": []}
 
-    monkeypatch.setattr(locks, "lock_user", no_lock)
+    monkeypatch.setattr(lifecycle_db, "_plan_document", without_guards)
     await ledger.fund(1, 10 * ESTIMATE)
     await ledger.token(1, 1)
     responses = await fifty_holds(ledger)

@@ -27,12 +27,14 @@ from ledger_service.api.middleware import access_log_middleware, check_request
 from ledger_service.api.problems import handle_exception
 from ledger_service.api.ratelimit import RateLimiter
 from ledger_service.db.engine import create_engine
+from ledger_service.db.lifecycle import create_pool
 from ledger_service.observability import configure_logging
 from ledger_service.services.api_keys import ApiKeyService
 from ledger_service.services.audit import AuditService
 from ledger_service.services.batch import BatchService
 from ledger_service.services.housekeeping import Housekeeping
 from ledger_service.services.ledger import LedgerService
+from ledger_service.services.lifecycle import LifecycleService
 from ledger_service.services.pricing import PricingService
 from ledger_service.settings import Settings, SettingsError
 
@@ -88,7 +90,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 "LEDGER_DATABASE_URL is not set (`ledger-service serve` sets it for the embedded server)"
             )
         engine = create_engine(settings.database_url, pool_size=settings.pool_size)
-        ledger = LedgerService(engine, settings)
+        lifecycle_pool = await create_pool(settings.database_url, size=settings.pool_size)
+        ledger = LedgerService(engine, settings, LifecycleService(lifecycle_pool, settings))
         app.state.engine = engine
         app.state.ledger = ledger
         app.state.batches = BatchService(ledger)
@@ -110,6 +113,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
         finally:
             await housekeeping.stop()
+            await lifecycle_pool.close()
             await engine.dispose()
 
     v1 = Router(

@@ -17,6 +17,14 @@ def async_url(url: str) -> str:
     raise ValueError(f"not a PostgreSQL URL: {parsed.drivername}://...")
 
 
+def asyncpg_dsn(url: str) -> str:
+    """`postgresql://...` in the form asyncpg itself connects with (it reads libpq's sslmode as it is)."""
+    parsed = make_url(url)
+    if parsed.drivername not in {"postgresql", "postgres", "postgresql+asyncpg"}:
+        raise ValueError(f"not a PostgreSQL URL: {parsed.drivername}://...")
+    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 def create_engine(url: str, *, pool_size: int = 20, application_name: str = "ledger-service") -> AsyncEngine:
     """A pooled engine. Pool size is fixed (no overflow) so the connection budget per process is known."""
     return create_async_engine(

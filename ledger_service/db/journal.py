@@ -75,27 +75,16 @@ async def insert_entry(
 
 
 _LATEST_HORIZON = "(SELECT coalesce(max(horizon), '0'::xid8) FROM snapshot_runs)"
-"""Where an account or subject with no snapshot row starts: having no row, it had nothing below this horizon.
-(Hold accounts are never snapshotted, so they always start from zero.)"""
+"""Where a subject with no usage snapshot row starts: having no row, it had nothing below this horizon."""
 
 
 def balance_expression(account: str, ledger: str) -> str:
     """SQL for one balance: the account's snapshot row plus its postings at or above the row's horizon.
 
     `account` and `ledger` are SQL expressions (bind parameters or columns). Every balance the service reads is
-    this expression, so there is one definition of what a balance is.
+    the database function `ledger_balance` (migration 0003), so there is one definition of what a balance is.
     """
-    # account and ledger are SQL fragments chosen in code, never input.
-    return f"""(  -- one balance
-        SELECT (coalesce(s.balance, 0) + coalesce((
-                    SELECT sum(p.amount) FROM postings p
-                     WHERE p.account = {account} AND p.ledger = {ledger}
-                       AND p.txid >= coalesce(
-                             s.horizon,
-                             CASE WHEN {account} LIKE 'hold:%' THEN '0'::xid8 ELSE {_LATEST_HORIZON} END)), 0))::bigint
-          FROM (SELECT 1) one
-          LEFT JOIN balance_snapshots s ON s.account = {account} AND s.ledger = {ledger}
-    )"""  # noqa: S608
+    return f"ledger_balance(CAST({account} AS text), CAST({ledger} AS text))"
 
 
 _BALANCES = text(

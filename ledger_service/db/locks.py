@@ -7,8 +7,6 @@ per operation: no lock order to get wrong, no deadlock between holds.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -31,17 +29,3 @@ async def try_lock_snapshots(conn: AsyncConnection) -> bool:
 
 async def try_lock_sealing(conn: AsyncConnection) -> bool:
     return bool(await conn.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": SEAL_LOCK}))
-
-
-async def lock_users(conn: AsyncConnection, user_ids: Iterable[int]) -> None:
-    """Take several users' locks in ascending order, so that two transactions taking overlapping sets of users
-    (two batches) cannot each hold one the other waits for."""
-    keys = [f"user:{user_id}" for user_id in sorted(set(user_ids))]
-    if keys:
-        await conn.execute(
-            text(
-                "SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0)))"
-                " FROM unnest(CAST(:keys AS text[])) WITH ORDINALITY AS t(k, n)"
-            ),
-            {"keys": keys},
-        )

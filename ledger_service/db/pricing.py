@@ -17,21 +17,6 @@ from ledger_service.domain.pricing import (
     Prices,
 )
 
-_PRICES = text(
-    """
-    SELECT m.model_ratio, m.completion_ratio, m.model_price, g.group_ratio
-      FROM (SELECT 1) one
-      LEFT JOIN model_prices m ON m.model = :model
-      LEFT JOIN group_ratios g ON g.group_name = :group
-    """
-)
-
-
-async def prices_for(conn: AsyncConnection, *, model: str, group: str) -> Prices:
-    """The ratios a request is priced with now; unknown models and groups get the defaults."""
-    row = (await conn.execute(_PRICES, {"model": model, "group": group})).one()
-    return prices_of(row.model_ratio, row.completion_ratio, row.model_price, row.group_ratio)
-
 
 def prices_of(model_ratio: Any, completion_ratio: Any, model_price: Any, group_ratio: Any) -> Prices:
     """Prices from a price row and a group row, either of which may be missing (the defaults then apply)."""

@@ -15,9 +15,12 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from ledger_service.domain import errors
+from ledger_service.domain.pricing import Prices
+from ledger_service.schemas import HoldView
 
 
 class RequestStatus(enum.StrEnum):
@@ -30,6 +33,57 @@ class RequestStatus(enum.StrEnum):
 class RequestKind(enum.StrEnum):
     HOLD = "hold"
     CONSUMPTION = "consumption"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRow:
+    request_id: str
+    kind: RequestKind
+    status: RequestStatus
+    user_id: int
+    token_id: int
+    token_limited: bool
+    group: str
+    model: str
+    prompt_tokens: int
+    max_tokens: int
+    amount: int
+    trusted: bool
+    prices: Prices
+    channel_id: int | None
+    charged: int | None
+    late: bool
+    request_fingerprint: bytes
+    settle_fingerprint: bytes | None
+    refund_fingerprint: bytes | None
+    created_at: datetime
+    expires_at: datetime | None
+    read_at: datetime
+    """The database clock when the row was read: expiry is judged by the database's time, not the host's."""
+    settled_prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    @property
+    def due(self) -> bool:
+        """Open and past expires_at."""
+        return self.status is RequestStatus.OPEN and self.expires_at is not None and self.read_at >= self.expires_at
+
+    def view(self) -> HoldView:
+        return HoldView(
+            request_id=self.request_id,
+            user_id=self.user_id,
+            token_id=self.token_id,
+            group=self.group,
+            model=self.model,
+            status=self.status.value,
+            amount=self.amount,
+            trusted=self.trusted,
+            charged=self.charged,
+            channel_id=self.channel_id,
+            late=self.late,
+            created_at=self.created_at,
+            expires_at=self.expires_at,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger_service import metrics
-from ledger_service.db import journal, locks, pricing, requests, tokens
-from ledger_service.db.requests import RequestRow
+from ledger_service.db import journal, locks, requests, tokens
 from ledger_service.db.transactions import (
     UNIQUE_VIOLATION,
     RetryTransaction,
@@ -38,26 +36,12 @@ from ledger_service.domain.entries import (
     EntryKind,
     Posting,
     allowance_postings,
-    direct_charge_postings,
     funding_postings,
-    hold_postings,
-    release_postings,
     reversal_postings,
-    settle_postings,
 )
-from ledger_service.domain.lifecycle import (
-    RefundMode,
-    RequestKind,
-    RequestStatus,
-    SettleMode,
-    TokenState,
-    check_token,
-    decide_hold,
-    fingerprint,
-    plan_refund,
-    plan_settle,
-)
-from ledger_service.domain.pricing import MAX_AMOUNT, AmountOutOfRange, Prices
+from ledger_service.domain.lifecycle import RequestRow, RequestStatus, TokenState, fingerprint
+from ledger_service.domain.planning import Operation, release_draft
+from ledger_service.domain.pricing import MAX_AMOUNT, Prices
 from ledger_service.schemas import (
     AdjustmentCommand,
     ChannelView,
@@ -76,6 +60,9 @@ from ledger_service.schemas import (
     UserView,
 )
 from ledger_service.settings import Settings
+
+if TYPE_CHECKING:
+    from ledger_service.services.lifecycle import LifecycleService
 
 T = TypeVar("T")
 
@@ -96,24 +83,12 @@ def _body(command: msgspec.Struct) -> dict[str, Any]:
     return msgspec.to_builtins(command)  # type: ignore[no-any-return]
 
 
-def _charge(prices: Prices, command: SettleCommand | ConsumptionCommand) -> int:
-    """What a settlement or consumption charges: its explicit quota, else the priced charge of its tokens."""
-    if command.quota is not None:
-        return command.quota
-    return _priced(prices.charge, prompt_tokens=command.prompt_tokens, completion_tokens=command.completion_tokens)
-
-
-def _priced(compute: Callable[..., int], **kwargs: int) -> int:
-    try:
-        return int(compute(**kwargs))
-    except AmountOutOfRange as error:
-        raise errors.ValidationFailed(str(error)) from None
-
-
 class LedgerService:
-    def __init__(self, engine: AsyncEngine, settings: Settings) -> None:
+    def __init__(self, engine: AsyncEngine, settings: Settings, lifecycle: LifecycleService | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        self.lifecycle = lifecycle
+        """Runs holds, settlements, refunds and consumptions (services/lifecycle.py)."""
 
     async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run a write in one transaction; a lost race for an idempotency key re-runs it to find the winner."""
@@ -200,281 +175,27 @@ class LedgerService:
 
     async def open_hold(self, command: HoldCommand) -> Outcome[HoldView]:
         """Reserve the estimate from the user's quota (and a limited token's allowance), or refuse."""
-        return await self._transaction(lambda conn: self.open_hold_in(conn, command))
-
-    async def open_hold_in(
-        self, conn: AsyncConnection, command: HoldCommand, *, user_locked: bool = False
-    ) -> Outcome[HoldView]:
-        """Open hold, in the caller's transaction (one call, or one operation of a batch).
-
-        `user_locked`: the caller already holds the user's lock (a batch takes all of them up front).
-        """
-        digest = fingerprint("hold", _body(command))
-        settings = self.settings
-
-        # One lock per user: holds of a user (and of its tokens) are checked and posted one at a time. Then one
-        # statement reads all the hold decides on; under READ COMMITTED it sees what the lock's last holder wrote.
-        if not user_locked:
-            await locks.lock_user(conn, command.user_id)
-        inputs = await requests.hold_inputs(
-            conn,
-            request_id=command.request_id,
-            user_id=command.user_id,
-            token_id=command.token_id,
-            model=command.model,
-            group=command.group,
-        )
-        if inputs.request_exists:
-            existing = await requests.get(conn, command.request_id)
-            assert existing is not None
-            return _replay(existing, RequestKind.HOLD, digest)
-        token = check_token(
-            None
-            if inputs.token_user_id is None
-            else TokenState(
-                token_id=command.token_id,
-                user_id=inputs.token_user_id,
-                unlimited=inputs.token_unlimited,
-                remaining=0 if inputs.token_unlimited else inputs.token_remaining,
-            ),
-            token_id=command.token_id,
-            user_id=command.user_id,
-        )
-        available = inputs.available
-        prices = inputs.prices
-        estimate = (
-            command.amount
-            if command.amount is not None
-            else _priced(
-                prices.estimate,
-                pre_consumed=settings.pre_consumed_quota,
-                prompt_tokens=command.prompt_tokens,
-                max_tokens=command.max_tokens,
-            )
-        )
-        decision = decide_hold(available=available, token=token, estimate=estimate, trust_factor=settings.trust_factor)
-        expires_in = command.expires_in or settings.hold_ttl_seconds
-        row = await requests.insert_request(
-            conn,
-            request_id=command.request_id,
-            kind=RequestKind.HOLD.value,
-            status=RequestStatus.OPEN.value,
-            user_id=command.user_id,
-            token_id=command.token_id,
-            token_limited=token.limited,
-            group=command.group,
-            model=command.model,
-            prompt_tokens=command.prompt_tokens,
-            max_tokens=command.max_tokens,
-            amount=decision.amount,
-            trusted=decision.trusted,
-            prices=prices,
-            late=False,
-            request_fingerprint=digest,
-            expires_at=requests.now_plus(timedelta(seconds=expires_in)),
-        )
-        trusted = "true" if decision.trusted else "false"
-        after_commit(conn, metrics.HOLDS_OPENED.labels(trusted=trusted).inc)
-        if decision.amount:
-            details = {
-                "model": command.model,
-                "group": command.group,
-                "prompt_tokens": command.prompt_tokens,
-                "max_tokens": command.max_tokens,
-                "pre_consumed_quota": settings.pre_consumed_quota,
-                "estimate": estimate,
-                "explicit_amount": command.amount is not None,
-                **prices.as_details(),
-            }
-            draft = EntryDraft(
-                kind=EntryKind.HOLD,
-                postings=hold_postings(
-                    request_id=command.request_id,
-                    user_id=command.user_id,
-                    token_id=command.token_id,
-                    amount=decision.amount,
-                    limited=token.limited,
-                ),
-                request_id=command.request_id,
-                user_id=command.user_id,
-                token_id=command.token_id,
-                details=details,
-            )
-            await journal.insert_entry(conn, draft)
-        return Outcome(row.view())
+        return await self._lifecycle(Operation("hold", command.request_id, command))
 
     async def settle(self, request_id: str, command: SettleCommand) -> Outcome[HoldView]:
         """Charge the real cost: release the hold, credit the channel, give back (or take) the difference."""
-        return await self._transaction(lambda conn: self.settle_in(conn, request_id, command))
-
-    async def settle_in(self, conn: AsyncConnection, request_id: str, command: SettleCommand) -> Outcome[HoldView]:
-        """Settle, in the caller's transaction (one call, or one operation of a batch)."""
-        digest = fingerprint("settle", _body(command))
-
-        row = await requests.get(conn, request_id, for_update=True)
-        if row is None:
-            raise errors.HoldNotFound(f"no hold with request_id {request_id!r}")
-        if row.kind is RequestKind.CONSUMPTION:
-            raise errors.HoldAlreadySettled(f"{request_id!r} is a consumption: it was charged when recorded")
-        mode = plan_settle(status=row.status, due=row.due, settled_with=row.settle_fingerprint, fingerprint=digest)
-        if mode is SettleMode.REPLAY:
-            return Outcome(row.view(), created=False, replayed=True)
-        charge = _charge(row.prices, command)
-        if mode is SettleMode.EXPIRE_THEN_LATE:
-            await self._release(conn, row, EntryKind.EXPIRE, {"reason": "expired"})
-            after_commit(conn, metrics.HOLDS_EXPIRED.inc)
-        late = mode is not SettleMode.SETTLE_HOLD
-        after_commit(conn, metrics.HOLDS_SETTLED.labels(late="true" if late else "false").inc)
-        held = 0 if late else row.amount
-        if held:
-            postings = settle_postings(
-                request_id=row.request_id,
-                user_id=row.user_id,
-                token_id=row.token_id,
-                channel_id=command.channel_id,
-                held=held,
-                charge=charge,
-                limited=row.token_limited,
-            )
-        else:
-            postings = direct_charge_postings(
-                user_id=row.user_id,
-                token_id=row.token_id,
-                channel_id=command.channel_id,
-                charge=charge,
-                limited=row.token_limited,
-            )
-        details = {
-            "model": row.model,
-            "group": row.group,
-            "prompt_tokens": command.prompt_tokens,
-            "completion_tokens": command.completion_tokens,
-            "held": held,
-            "charged": charge,
-            "explicit_quota": command.quota is not None,
-            "late": late,
-            **row.prices.as_details(),
-        }
-        draft = EntryDraft(
-            kind=EntryKind.SETTLE,
-            postings=postings,
-            request_id=row.request_id,
-            user_id=row.user_id,
-            token_id=row.token_id,
-            channel_id=command.channel_id,
-            details=details,
-        )
-        await journal.insert_entry(conn, draft, charged=charge)
-        settled = await requests.resolve(
-            conn,
-            request_id,
-            status=RequestStatus.SETTLED.value,
-            channel_id=command.channel_id,
-            settled_prompt_tokens=command.prompt_tokens,
-            completion_tokens=command.completion_tokens,
-            charged=charge,
-            late=late,
-            settle_fingerprint=digest,
-        )
-        return Outcome(settled.view(), created=False)
+        return await self._lifecycle(Operation("settle", request_id, command))
 
     async def refund(self, request_id: str, command: RefundCommand) -> Outcome[HoldView]:
         """Give the hold back after a failed upstream call."""
-        return await self._transaction(lambda conn: self.refund_in(conn, request_id, command))
-
-    async def refund_in(self, conn: AsyncConnection, request_id: str, command: RefundCommand) -> Outcome[HoldView]:
-        """Refund, in the caller's transaction (one call, or one operation of a batch)."""
-        digest = fingerprint("refund", _body(command))
-
-        row = await requests.get(conn, request_id, for_update=True)
-        if row is None:
-            raise errors.HoldNotFound(f"no hold with request_id {request_id!r}")
-        if row.kind is RequestKind.CONSUMPTION:
-            raise errors.HoldAlreadySettled(f"{request_id!r} is a consumption: it was charged when recorded")
-        mode = plan_refund(status=row.status, due=row.due, refunded_with=row.refund_fingerprint, fingerprint=digest)
-        if mode is RefundMode.REPLAY:
-            return Outcome(row.view(), created=False, replayed=True)
-        if mode is RefundMode.UNCHANGED:
-            return Outcome(row.view(), created=False)
-        if mode is RefundMode.EXPIRE:
-            await self._release(conn, row, EntryKind.EXPIRE, {"reason": "expired"})
-            after_commit(conn, metrics.HOLDS_EXPIRED.inc)
-            expired = await requests.resolve(conn, request_id, status=RequestStatus.EXPIRED.value)
-            return Outcome(expired.view(), created=False)
-        await self._release(conn, row, EntryKind.REFUND, {"reason": command.reason})
-        after_commit(conn, metrics.HOLDS_REFUNDED.inc)
-        refunded = await requests.resolve(
-            conn, request_id, status=RequestStatus.REFUNDED.value, refund_fingerprint=digest
-        )
-        return Outcome(refunded.view(), created=False)
+        return await self._lifecycle(Operation("refund", request_id, command))
 
     async def consume(self, command: ConsumptionCommand) -> Outcome[HoldView]:
         """Charge a call that had no hold (post-paid calls, images). No balance check: the usage happened."""
-        return await self._transaction(lambda conn: self.consume_in(conn, command))
+        return await self._lifecycle(Operation("consume", command.request_id, command))
 
-    async def consume_in(self, conn: AsyncConnection, command: ConsumptionCommand) -> Outcome[HoldView]:
-        """Consume, in the caller's transaction (one call, or one operation of a batch)."""
-        digest = fingerprint("consumption", _body(command))
-
-        existing = await requests.get(conn, command.request_id)
-        if existing is not None:
-            return _replay(existing, RequestKind.CONSUMPTION, digest)
-        token = check_token(
-            await self._token_state(conn, command.token_id),
-            token_id=command.token_id,
-            user_id=command.user_id,
-        )
-        prices = await pricing.prices_for(conn, model=command.model, group=command.group)
-        charge = _charge(prices, command)
-        row = await requests.insert_request(
-            conn,
-            request_id=command.request_id,
-            kind=RequestKind.CONSUMPTION.value,
-            status=RequestStatus.SETTLED.value,
-            user_id=command.user_id,
-            token_id=command.token_id,
-            token_limited=token.limited,
-            group=command.group,
-            model=command.model,
-            prompt_tokens=command.prompt_tokens,
-            max_tokens=0,
-            amount=0,
-            trusted=False,
-            prices=prices,
-            channel_id=command.channel_id,
-            settled_prompt_tokens=command.prompt_tokens,
-            completion_tokens=command.completion_tokens,
-            charged=charge,
-            late=False,
-            request_fingerprint=digest,
-            expires_at=None,
-        )
-        draft = EntryDraft(
-            kind=EntryKind.CONSUME,
-            postings=direct_charge_postings(
-                user_id=command.user_id,
-                token_id=command.token_id,
-                channel_id=command.channel_id,
-                charge=charge,
-                limited=token.limited,
-            ),
-            request_id=command.request_id,
-            user_id=command.user_id,
-            token_id=command.token_id,
-            channel_id=command.channel_id,
-            details={
-                "model": command.model,
-                "group": command.group,
-                "prompt_tokens": command.prompt_tokens,
-                "completion_tokens": command.completion_tokens,
-                "charged": charge,
-                "explicit_quota": command.quota is not None,
-                **prices.as_details(),
-            },
-        )
-        await journal.insert_entry(conn, draft, charged=charge)
-        after_commit(conn, metrics.CONSUMPTIONS.inc)
-        return Outcome(row.view())
+    async def _lifecycle(self, operation: Operation) -> Outcome[HoldView]:
+        if self.lifecycle is None:
+            raise RuntimeError("this LedgerService was built without a lifecycle pool")
+        [result] = await self.lifecycle.run([operation])
+        if isinstance(result, errors.LedgerError):
+            raise result
+        return Outcome(result.row.view(), created=result.created, replayed=result.replayed)
 
     async def reverse(self, entry_id: int, command: ReverseCommand) -> Outcome[EntryView]:
         """Post the exact opposite of an entry (at most once, idempotent by reference)."""
@@ -548,23 +269,8 @@ class LedgerService:
 
     async def _release(self, conn: AsyncConnection, row: RequestRow, kind: EntryKind, details: dict[str, Any]) -> None:
         """Post the refund or expiry of whatever the hold holds (nothing for a trusted hold)."""
-        if not row.amount:
-            return
-        draft = EntryDraft(
-            kind=kind,
-            postings=release_postings(
-                request_id=row.request_id,
-                user_id=row.user_id,
-                token_id=row.token_id,
-                held=row.amount,
-                limited=row.token_limited,
-            ),
-            request_id=row.request_id,
-            user_id=row.user_id,
-            token_id=row.token_id,
-            details={"held": row.amount, **{k: v for k, v in details.items() if v is not None}},
-        )
-        await journal.insert_entry(conn, draft)
+        if row.amount:
+            await journal.insert_entry(conn, release_draft(row, kind, details))
 
     # Reads -----------------------------------------------------------------------------------------------------
 
@@ -637,13 +343,6 @@ class LedgerService:
             held=held,
             used=used,
         )
-
-
-def _replay(existing: RequestRow, kind: RequestKind, digest: bytes) -> Outcome[HoldView]:
-    """A request_id seen before: the same call gets the request back; anything else is a conflict."""
-    if existing.kind is not kind or existing.request_fingerprint != digest:
-        raise errors.IdempotencyConflict(f"request_id {existing.request_id!r} was used for another request")
-    return Outcome(existing.view(), created=False, replayed=True)
 
 
 __all__ = ["LedgerService", "Outcome", "Prices"]

@@ -1,0 +1,297 @@
+"""The lifecycle's two statements, over asyncpg directly: read a snapshot, apply a plan (migration 0003).
+
+The relay operations are most of the traffic, and on a small machine their cost is the client side of each round
+trip. So they skip SQLAlchemy's statement machinery: each is one prepared statement on an asyncpg connection, with
+its arguments and answer as one JSON document each (msgspec encodes and decodes them).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from functools import cache
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import asyncpg
+import msgspec
+
+from ledger_service.db.engine import asyncpg_dsn
+from ledger_service.domain.accounts import Ledger
+from ledger_service.domain.lifecycle import RequestKind, RequestRow, RequestStatus
+from ledger_service.domain.planning import Operation, Plan, Snapshot, lock_targets, wanted
+from ledger_service.domain.pricing import (
+    DEFAULT_COMPLETION_RATIO,
+    DEFAULT_GROUP_RATIO,
+    DEFAULT_MODEL_RATIO,
+    Prices,
+)
+
+if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
+    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
+    Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
+
+
+async def create_pool(url: str, *, size: int, application_name: str = "ledger-service") -> Pool:
+    """A pool for the lifecycle statements. READ COMMITTED is pinned per session, whatever the server defaults
+    to: a plan's premises are checked by statements that must each see the latest commits (docs/accounting.md)."""
+
+    async def keep(connection: Connection) -> None:
+        # Released connections are reused as they are: the lifecycle leaves no session state behind (only
+        # transaction-scoped locks, and every transaction is closed before release), so asyncpg's reset round
+        # trip would buy nothing.
+        if connection.is_in_transaction():
+            await connection.execute("ROLLBACK")
+
+    pool: Pool = await asyncpg.create_pool(
+        asyncpg_dsn(url),
+        min_size=1,
+        max_size=size,
+        reset=keep,
+        timeout=5,
+        command_timeout=60,
+        server_settings={
+            "application_name": application_name,
+            "default_transaction_isolation": "read committed",
+        },
+    )
+    return pool
+
+
+class _Request(msgspec.Struct):
+    request_id: str
+    kind: str
+    status: str
+    user_id: int
+    token_id: int
+    token_limited: bool
+    group_name: str
+    model: str
+    prompt_tokens: int
+    max_tokens: int
+    amount: int
+    trusted: bool
+    model_ratio: Decimal
+    completion_ratio: Decimal
+    group_ratio: Decimal
+    model_price: Decimal | None
+    channel_id: int | None
+    charged: int | None
+    late: bool
+    request_fingerprint: str
+    settle_fingerprint: str | None
+    refund_fingerprint: str | None
+    created_at: datetime
+    expires_at: datetime | None
+
+
+class _Token(msgspec.Struct):
+    token_id: int
+    user_id: int
+    unlimited: bool
+
+
+class _Balance(msgspec.Struct):
+    account: str
+    ledger: str
+    balance: int
+
+
+class _Model(msgspec.Struct):
+    model: str
+    model_ratio: Decimal
+    completion_ratio: Decimal
+    model_price: Decimal | None
+
+
+class _Group(msgspec.Struct):
+    group_name: str
+    group_ratio: Decimal
+
+
+class _Snapshot(msgspec.Struct):
+    now: datetime
+    requests: list[_Request]
+    tokens: list[_Token]
+    balances: list[_Balance]
+    models: list[_Model]
+    groups: list[_Group]
+
+
+class _Created(msgspec.Struct):
+    request_id: str
+    created_at: datetime
+    expires_at: datetime | None
+
+
+class _Applied(msgspec.Struct):
+    stale: bool = False
+    created: list[_Created] = []
+
+
+_snapshot_decoder = msgspec.json.Decoder(_Snapshot)
+_applied_decoder = msgspec.json.Decoder(_Applied)
+_encoder = msgspec.json.Encoder()
+
+
+def _unhex(value: str | None) -> bytes | None:
+    return None if value is None else bytes.fromhex(value)
+
+
+def _row(r: _Request, now: datetime) -> RequestRow:
+    return RequestRow(
+        request_id=r.request_id,
+        kind=RequestKind(r.kind),
+        status=RequestStatus(r.status),
+        user_id=r.user_id,
+        token_id=r.token_id,
+        token_limited=r.token_limited,
+        group=r.group_name,
+        model=r.model,
+        prompt_tokens=r.prompt_tokens,
+        max_tokens=r.max_tokens,
+        amount=r.amount,
+        trusted=r.trusted,
+        prices=Prices(
+            model_ratio=r.model_ratio,
+            completion_ratio=r.completion_ratio,
+            group_ratio=r.group_ratio,
+            model_price=r.model_price,
+        ),
+        channel_id=r.channel_id,
+        charged=r.charged,
+        late=r.late,
+        request_fingerprint=bytes.fromhex(r.request_fingerprint),
+        settle_fingerprint=_unhex(r.settle_fingerprint),
+        refund_fingerprint=_unhex(r.refund_fingerprint),
+        created_at=r.created_at,
+        expires_at=r.expires_at,
+        read_at=now,
+    )
+
+
+async def read(conn: Connection, operations: list[Operation], *, lock: bool) -> Snapshot:
+    """One statement: everything the operations decide on. With `lock`, inside the caller's transaction, their
+    users and requests are locked first, so nothing read can change before the plan is applied."""
+    want: dict[str, Any] = wanted(operations)
+    if lock:
+        users, moved = lock_targets(operations)
+        want.update(lock=True, lock_users=users, lock_requests=moved)
+    found = _snapshot_decoder.decode(
+        await conn.fetchval("SELECT ledger_lifecycle_read($1::jsonb)", _encoder.encode(want).decode())
+    )
+    models = {m.model: m for m in found.models}
+    groups = {g.group_name: g.group_ratio for g in found.groups}
+
+    @cache
+    def prices(model: str, group: str) -> Prices:
+        m = models.get(model)
+        return Prices(
+            model_ratio=DEFAULT_MODEL_RATIO if m is None else m.model_ratio,
+            completion_ratio=DEFAULT_COMPLETION_RATIO if m is None else m.completion_ratio,
+            group_ratio=groups.get(group, DEFAULT_GROUP_RATIO),
+            model_price=None if m is None else m.model_price,
+        )
+
+    return Snapshot(
+        now=found.now,
+        requests={r.request_id: _row(r, found.now) for r in found.requests},
+        tokens={t.token_id: (t.user_id, t.unlimited) for t in found.tokens},
+        balances={(b.account, Ledger(b.ledger)): b.balance for b in found.balances},
+        prices=prices,
+    )
+
+
+def _hex(value: bytes | None) -> str | None:
+    return None if value is None else value.hex()
+
+
+def _plan_document(plan: Plan, *, with_premises: bool) -> dict[str, Any]:
+    new_requests = []
+    updated_requests = []
+    for request_id, row in plan.requests.items():
+        resolution = {
+            "request_id": request_id,
+            "status": str(row.status),
+            "channel_id": row.channel_id,
+            "settled_prompt_tokens": row.settled_prompt_tokens,
+            "completion_tokens": row.completion_tokens,
+            "charged": row.charged,
+            "late": row.late,
+            "settle_fingerprint": _hex(row.settle_fingerprint),
+            "refund_fingerprint": _hex(row.refund_fingerprint),
+        }
+        if request_id not in plan.new_requests:
+            updated_requests.append(resolution)
+            continue
+        prices = row.prices
+        new_requests.append(
+            resolution
+            | {
+                "kind": str(row.kind),
+                "user_id": row.user_id,
+                "token_id": row.token_id,
+                "token_limited": row.token_limited,
+                "group_name": row.group,
+                "model": row.model,
+                "prompt_tokens": row.prompt_tokens,
+                "max_tokens": row.max_tokens,
+                "amount": row.amount,
+                "trusted": row.trusted,
+                "model_ratio": str(prices.model_ratio),
+                "completion_ratio": str(prices.completion_ratio),
+                "group_ratio": str(prices.group_ratio),
+                "model_price": None if prices.model_price is None else str(prices.model_price),
+                "request_fingerprint": row.request_fingerprint.hex(),
+                "expires_in": plan.new_requests[request_id] if row.kind is RequestKind.HOLD else None,
+                "resolved": row.kind is RequestKind.HOLD and row.status is not RequestStatus.OPEN,
+            }
+        )
+    entries = [
+        {
+            "kind": str(draft.kind),
+            "request_id": draft.request_id,
+            "user_id": draft.user_id,
+            "token_id": draft.token_id,
+            "channel_id": draft.channel_id,
+            "charged": charged,
+            "details": dict(draft.details),
+            "hash": draft.content_hash().hex(),
+            "postings": [[str(p.ledger), p.account, p.amount] for p in draft.postings],
+        }
+        for draft, charged in plan.entries
+    ]
+    return {
+        "lock_users": sorted(plan.lock_users),
+        "expect_requests": [
+            {"request_id": request_id, "status": str(status)} for request_id, status in plan.expect_requests.items()
+        ],
+        "expect_balances": [
+            {"account": account, "ledger": str(ledger), "balance": balance}
+            for (account, ledger), balance in plan.expect_balances.items()
+        ]
+        if with_premises
+        else [],
+        "expect_tokens": [
+            {"token_id": token_id, "unlimited": unlimited} for token_id, unlimited in plan.expect_tokens.items()
+        ]
+        if with_premises
+        else [],
+        "new_requests": new_requests,
+        "updated_requests": updated_requests,
+        "entries": entries,
+    }
+
+
+async def apply(
+    conn: Connection, plan: Plan, *, with_premises: bool
+) -> dict[str, tuple[datetime, datetime | None]] | None:
+    """Apply a plan in one statement. None if a premise no longer held (nothing was written).
+
+    Without premises (the caller locked everything the plan read, in its transaction) only the statuses of the
+    requests it moves are checked. Returns the creation and expiry times of the requests it created.
+    """
+    document = _encoder.encode(_plan_document(plan, with_premises=with_premises)).decode()
+    applied = _applied_decoder.decode(await conn.fetchval("SELECT ledger_lifecycle_apply($1::jsonb)", document))
+    if applied.stale:
+        return None
+    return {c.request_id: (c.created_at, c.expires_at) for c in applied.created}

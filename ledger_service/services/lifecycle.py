@@ -1,0 +1,136 @@
+"""Running lifecycle operations (holds, settlements, refunds, consumptions): one call or a batch, plan then apply.
+
+A first attempt is optimistic and costs two round trips and no explicit transaction: read a snapshot, plan in
+Python, then apply the plan in one statement that checks its premises under the users' locks. If a premise no
+longer holds (another operation on the same user or request committed in between), nothing was written, and the
+operations are planned again pessimistically: in one transaction that locks the users and requests first, so the
+second plan cannot go stale. A lost race for a request_id re-runs the operations, which then find the winner's row.
+Serialization failures and deadlocks re-run the whole attempt; the connection's loss is a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from ledger_service import metrics
+from ledger_service.db import lifecycle as lifecycle_db
+from ledger_service.db.transactions import (
+    MAX_ATTEMPTS,
+    RETRYABLE_SQLSTATES,
+    UNIQUE_VIOLATION,
+    DatabaseBusy,
+    DatabaseUnavailable,
+)
+from ledger_service.domain.planning import Operation, Plan, Planned, Planner, Result
+from ledger_service.services.ledger import IDEMPOTENCY_CONSTRAINTS
+from ledger_service.settings import Settings
+
+if TYPE_CHECKING:
+    from ledger_service.db.lifecycle import Connection, Pool
+
+log = logging.getLogger(__name__)
+
+_COUNTERS: dict[str, Callable[[str | None], None]] = {
+    "holds_opened": lambda label: metrics.HOLDS_OPENED.labels(trusted=label).inc(),
+    "holds_settled": lambda label: metrics.HOLDS_SETTLED.labels(late=label).inc(),
+    "holds_expired": lambda _: metrics.HOLDS_EXPIRED.inc(),
+    "holds_refunded": lambda _: metrics.HOLDS_REFUNDED.inc(),
+    "consumptions": lambda _: metrics.CONSUMPTIONS.inc(),
+}
+
+
+class _Stale(Exception):
+    """A plan's premise no longer held when it was applied; nothing was written."""
+
+
+_CONNECTION_FAILURES = (OSError, ConnectionError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+"""Failures of the connection itself, or of its protocol state after one (asyncpg's InternalClientError)."""
+
+
+def _connection_lost(error: BaseException) -> bool:
+    if isinstance(error, _CONNECTION_FAILURES):
+        return True
+    state = getattr(error, "sqlstate", None)
+    return isinstance(state, str) and (state.startswith("08") or state in {"57P01", "57P02", "57P03", "53300"})
+
+
+class LifecycleService:
+    def __init__(self, pool: Pool, settings: Settings) -> None:
+        self.pool = pool
+        self.settings = settings
+
+    async def run(self, operations: list[Operation], *, atomic: bool = False) -> list[Result]:
+        """Plan and apply the operations; each gets its answer: the request after it, or its refusal."""
+        pessimistic = False
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                async with self.pool.acquire() as conn:
+                    try:
+                        if pessimistic:
+                            async with conn.transaction(isolation="read_committed"):
+                                plan = await self._attempt(conn, operations, atomic=atomic, locked=True)
+                        else:
+                            plan = await self._attempt(conn, operations, atomic=atomic, locked=False)
+                    except BaseException as error:
+                        if _connection_lost(error):
+                            conn.terminate()  # never hand a broken connection to the next caller
+                        raise
+                for name, label in plan.events:
+                    _COUNTERS[name](label)
+                return plan.results
+            except _Stale:
+                pessimistic = True
+                continue
+            except asyncpg.PostgresError as error:
+                if error.sqlstate == UNIQUE_VIOLATION and getattr(error, "constraint_name", None) in (
+                    IDEMPOTENCY_CONSTRAINTS
+                ):
+                    continue  # another call took a request_id first: the next attempt finds its row
+                if error.sqlstate in RETRYABLE_SQLSTATES:
+                    log.info("retrying lifecycle operations after %s (attempt %d)", error.sqlstate, attempt)
+                    await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))
+                    continue
+                if _connection_lost(error):
+                    raise DatabaseUnavailable(str(error)) from error
+                raise
+            except _CONNECTION_FAILURES as error:
+                # A pooled connection that died while idle (the database restarted): one more try on a fresh
+                # one. Safe even if the lost statement had committed: every lifecycle operation is idempotent.
+                if attempt == 1:
+                    continue
+                raise DatabaseUnavailable(str(error)) from error
+        raise DatabaseBusy(f"gave up after {MAX_ATTEMPTS} attempts")
+
+    async def _attempt(self, conn: Connection, operations: list[Operation], *, atomic: bool, locked: bool) -> Plan:
+        snapshot = await lifecycle_db.read(conn, operations, lock=locked)
+        settings = self.settings
+        plan = Planner(
+            snapshot,
+            pre_consumed_quota=settings.pre_consumed_quota,
+            trust_factor=settings.trust_factor,
+            hold_ttl=settings.hold_ttl_seconds,
+        ).plan_all(operations, atomic=atomic)
+        if not plan.writes:
+            return plan
+        created = await lifecycle_db.apply(conn, plan, with_premises=not locked)
+        if created is None:
+            raise _Stale
+        plan.results = [_with_times(result, created) for result in plan.results]
+        return plan
+
+
+def _with_times(result: Result, created: dict[str, tuple[datetime, datetime | None]]) -> Result:
+    """Give the requests this plan created the creation and expiry times the database assigned."""
+    if not isinstance(result, Planned) or result.row.request_id not in created:
+        return result
+    created_at, expires_at = created[result.row.request_id]
+    row = dataclasses.replace(result.row, created_at=created_at, expires_at=expires_at)
+    return dataclasses.replace(result, row=row)

@@ -1,0 +1,195 @@
+"""The lifecycle in two round trips: read what a plan needs, then apply the plan if its premises still hold.
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-27
+
+The service decides (prices, posting rules, refusals) in Python, from what `ledger_lifecycle_read` returns. It then
+sends the whole plan to `ledger_lifecycle_apply`, which takes the users' locks, checks that every balance and
+request status the plan relied on is still what was read, and writes everything in one transaction; otherwise it
+writes nothing and answers `stale`. See docs/design.md ("Plan, then apply").
+"""
+
+from collections.abc import Sequence
+
+from alembic import op
+
+from ledger_service.db.scripts import run_script
+
+revision: str = "0003"
+down_revision: str | None = "0002"
+branch_labels: Sequence[str] | None = None
+depends_on: Sequence[str] | None = None
+
+UPGRADE = """
+-- The one definition of a balance: the account's snapshot row plus its postings at or above the row's horizon.
+-- An account without a row had nothing below the latest run's horizon (hold accounts are never snapshotted).
+CREATE FUNCTION ledger_balance(account text, ledger text) RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT (coalesce(s.balance, 0) + coalesce((
+                SELECT sum(p.amount) FROM postings p
+                 WHERE p.account = ledger_balance.account AND p.ledger = ledger_balance.ledger
+                   AND p.txid >= coalesce(
+                         s.horizon,
+                         CASE WHEN ledger_balance.account LIKE 'hold:%' THEN '0'::xid8
+                              ELSE (SELECT coalesce(max(horizon), '0'::xid8) FROM snapshot_runs) END)), 0))::bigint
+      FROM (SELECT 1) one
+      LEFT JOIN balance_snapshots s ON s.account = ledger_balance.account AND s.ledger = ledger_balance.ledger
+$$;
+
+-- Lock the users (advisory, ascending) and request rows (FOR UPDATE, ascending) a plan touches. The user key is
+-- the one locks.lock_user takes, so plans also serialize with token changes.
+CREATE FUNCTION ledger_lock_plan(user_ids bigint[], request_ids text[]) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('user:' || u, 0))
+       FROM (SELECT DISTINCT u FROM unnest(user_ids) AS u ORDER BY u) locked;
+    PERFORM 1 FROM requests WHERE request_id = ANY (request_ids) ORDER BY request_id FOR UPDATE;
+END
+$$;
+
+-- Everything a plan decides on, as one document. With lock = true, the plan's users and requests are locked
+-- first (inside the caller's transaction), so that nothing read can change before the plan is applied.
+CREATE FUNCTION ledger_lifecycle_read(want jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    found jsonb;
+BEGIN
+    IF (want->>'lock')::boolean THEN
+        PERFORM ledger_lock_plan(ARRAY(SELECT jsonb_array_elements_text(want->'lock_users')::bigint),
+                                 ARRAY(SELECT jsonb_array_elements_text(want->'lock_requests')));
+    END IF;
+    SELECT jsonb_build_object(
+        'now', clock_timestamp(),
+        'requests', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                'request_id', r.request_id, 'kind', r.kind, 'status', r.status, 'user_id', r.user_id,
+                'token_id', r.token_id, 'token_limited', r.token_limited, 'group_name', r.group_name,
+                'model', r.model, 'prompt_tokens', r.prompt_tokens, 'max_tokens', r.max_tokens, 'amount', r.amount,
+                'trusted', r.trusted, 'model_ratio', r.model_ratio::text, 'completion_ratio', r.completion_ratio::text,
+                'group_ratio', r.group_ratio::text, 'model_price', r.model_price::text, 'channel_id', r.channel_id,
+                'charged', r.charged, 'late', r.late,
+                'request_fingerprint', encode(r.request_fingerprint, 'hex'),
+                'settle_fingerprint', encode(r.settle_fingerprint, 'hex'),
+                'refund_fingerprint', encode(r.refund_fingerprint, 'hex'),
+                'created_at', r.created_at, 'expires_at', r.expires_at))
+              FROM requests r
+             WHERE r.request_id IN (SELECT jsonb_array_elements_text(want->'request_ids'))), '[]'),
+        'tokens', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('token_id', t.token_id, 'user_id', t.user_id, 'unlimited', t.unlimited))
+              FROM tokens t
+             WHERE t.token_id IN (SELECT jsonb_array_elements_text(want->'token_ids')::bigint)), '[]'),
+        'balances', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('account', a->>0, 'ledger', a->>1,
+                                                'balance', ledger_balance(a->>0, a->>1)))
+              FROM jsonb_array_elements(want->'accounts') a), '[]'),
+        'models', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('model', m.model, 'model_ratio', m.model_ratio::text,
+                                                'completion_ratio', m.completion_ratio::text,
+                                                'model_price', m.model_price::text))
+              FROM model_prices m
+             WHERE m.model IN (SELECT jsonb_array_elements_text(want->'models'))), '[]'),
+        'groups', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('group_name', g.group_name, 'group_ratio', g.group_ratio::text))
+              FROM group_ratios g
+             WHERE g.group_name IN (SELECT jsonb_array_elements_text(want->'groups'))), '[]')
+    ) INTO found;
+    RETURN found;
+END
+$$;
+
+-- Apply a plan: lock, check its premises, then write its requests, entries and postings set-based.
+-- Answers {"stale": true} having written nothing when a premise no longer holds; else the new requests' times.
+CREATE FUNCTION ledger_lifecycle_apply(plan jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    expected_requests integer := jsonb_array_length(plan->'expect_requests');
+    matching integer;
+    created jsonb;
+BEGIN
+    PERFORM ledger_lock_plan(ARRAY(SELECT jsonb_array_elements_text(plan->'lock_users')::bigint),
+                             ARRAY(SELECT e->>'request_id' FROM jsonb_array_elements(plan->'expect_requests') e));
+
+    -- Premises. Each statement below reads a fresh snapshot, taken after the locks were granted.
+    IF expected_requests > 0 THEN
+        SELECT count(*) INTO matching
+          FROM jsonb_to_recordset(plan->'expect_requests') AS e(request_id text, status text)
+          JOIN requests r ON r.request_id = e.request_id AND r.status = e.status;
+        IF matching <> expected_requests THEN
+            RETURN '{"stale": true}';
+        END IF;
+    END IF;
+    IF EXISTS (SELECT 1 FROM jsonb_to_recordset(plan->'expect_balances') AS b(account text, ledger text, balance bigint)
+                WHERE ledger_balance(b.account, b.ledger) <> b.balance) THEN
+        RETURN '{"stale": true}';
+    END IF;
+    IF EXISTS (SELECT 1 FROM jsonb_to_recordset(plan->'expect_tokens') AS t(token_id bigint, unlimited boolean)
+                LEFT JOIN tokens k ON k.token_id = t.token_id
+                WHERE k.unlimited IS DISTINCT FROM t.unlimited) THEN
+        RETURN '{"stale": true}';
+    END IF;
+
+    -- Requests first created by this plan, in their final state; a taken request_id fails the whole plan.
+    WITH inserted AS (
+        INSERT INTO requests (request_id, kind, status, user_id, token_id, token_limited, group_name, model,
+                              prompt_tokens, max_tokens, amount, trusted, model_ratio, completion_ratio, group_ratio,
+                              model_price, channel_id, settled_prompt_tokens, completion_tokens, charged, late,
+                              request_fingerprint, settle_fingerprint, refund_fingerprint, expires_at, resolved_at)
+        SELECT r.request_id, r.kind, r.status, r.user_id, r.token_id, r.token_limited, r.group_name, r.model,
+               r.prompt_tokens, r.max_tokens, r.amount, r.trusted, r.model_ratio, r.completion_ratio, r.group_ratio,
+               r.model_price, r.channel_id, r.settled_prompt_tokens, r.completion_tokens, r.charged, r.late,
+               decode(r.request_fingerprint, 'hex'), decode(r.settle_fingerprint, 'hex'),
+               decode(r.refund_fingerprint, 'hex'),
+               now() + make_interval(secs => r.expires_in), CASE WHEN r.resolved THEN now() END
+          FROM jsonb_to_recordset(plan->'new_requests') AS r(
+               request_id text, kind text, status text, user_id bigint, token_id bigint, token_limited boolean,
+               group_name text, model text, prompt_tokens bigint, max_tokens bigint, amount bigint, trusted boolean,
+               model_ratio numeric, completion_ratio numeric, group_ratio numeric, model_price numeric,
+               channel_id bigint, settled_prompt_tokens bigint, completion_tokens bigint, charged bigint,
+               late boolean, request_fingerprint text, settle_fingerprint text, refund_fingerprint text,
+               expires_in bigint, resolved boolean)
+        RETURNING request_id, created_at, expires_at
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object('request_id', request_id, 'created_at', created_at,
+                                                 'expires_at', expires_at)), '[]')
+      INTO created FROM inserted;
+
+    -- Requests that existed before the plan, moved to their final state (the lifecycle trigger checks the step).
+    UPDATE requests r
+       SET status = u.status, channel_id = u.channel_id, settled_prompt_tokens = u.settled_prompt_tokens,
+           completion_tokens = u.completion_tokens, charged = u.charged, late = u.late,
+           settle_fingerprint = decode(u.settle_fingerprint, 'hex'),
+           refund_fingerprint = decode(u.refund_fingerprint, 'hex'), resolved_at = now()
+      FROM jsonb_to_recordset(plan->'updated_requests') AS u(
+           request_id text, status text, channel_id bigint, settled_prompt_tokens bigint, completion_tokens bigint,
+           charged bigint, late boolean, settle_fingerprint text, refund_fingerprint text)
+     WHERE r.request_id = u.request_id;
+
+    -- Entries in plan order, each with its postings; the deferred trigger checks that every entry balances.
+    WITH planned AS (
+        SELECT nextval(pg_get_serial_sequence('entries', 'id')) AS id, e.doc
+          FROM jsonb_array_elements(plan->'entries') WITH ORDINALITY AS e(doc, position)
+    ), entry AS (
+        INSERT INTO entries (id, kind, request_id, user_id, token_id, channel_id, charged, details, hash)
+        OVERRIDING SYSTEM VALUE
+        SELECT id, doc->>'kind', doc->>'request_id', (doc->>'user_id')::bigint, (doc->>'token_id')::bigint,
+               (doc->>'channel_id')::bigint, (doc->>'charged')::bigint, doc->'details', decode(doc->>'hash', 'hex')
+          FROM planned
+    )
+    INSERT INTO postings (entry_id, ledger, account, amount)
+    SELECT planned.id, p->>0, p->>1, (p->>2)::bigint
+      FROM planned, jsonb_array_elements(planned.doc->'postings') AS p;
+
+    RETURN jsonb_build_object('created', created);
+END
+$$;
+"""
+
+DOWNGRADE = """
+DROP FUNCTION ledger_lifecycle_apply(jsonb), ledger_lifecycle_read(jsonb), ledger_lock_plan(bigint[], text[]),
+    ledger_balance(text, text);
+"""
+
+
+def upgrade() -> None:
+    run_script(op.get_bind(), UPGRADE)
+
+
+def downgrade() -> None:
+    run_script(op.get_bind(), DOWNGRADE)
