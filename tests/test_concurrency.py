@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from ledger_service.db import lifecycle as lifecycle_db
-from ledger_service.domain.planning import Plan
+from ledger_service.domain.planning import Operation, Plan, Result
+from ledger_service.services.lifecycle import LifecycleService
 from tests.support import Ledger
 
 ESTIMATE = 2000  # gpt-4o, prompt 100 + max 200 + 500 pre-consumed, x 2.5
@@ -62,7 +63,12 @@ async def test_without_the_plans_premises_and_locks_the_same_load_oversells(
     def without_guards(plan: Plan, *, with_premises: bool) -> dict[str, Any]:
         return unguarded(plan, with_premises=False) | {"lock_users": []}
 
+    async def one_at_a_time(self: LifecycleService, operation: Operation) -> Result:
+        [result] = await self.run([operation])  # no coalescing: each hold plans from its own read
+        return result
+
     monkeypatch.setattr(lifecycle_db, "_plan_document", without_guards)
+    monkeypatch.setattr(LifecycleService, "run_one", one_at_a_time)
     await ledger.fund(1, 10 * ESTIMATE)
     await ledger.token(1, 1)
     responses = await fifty_holds(ledger)

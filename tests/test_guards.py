@@ -36,8 +36,14 @@ async def post(conn: Conn, entry_id: int, ledger: str, account: str, amount: int
 async def balanced_topup(conn: Conn, amount: int = 100, user: str = "user:1") -> int:
     async with conn.transaction():
         entry_id = await new_entry(conn, user_id=1)
-        await post(conn, entry_id, "quota", "system:issuance", -amount)
-        await post(conn, entry_id, "quota", user, amount)
+        await conn.execute(
+            "INSERT INTO postings (entry_id, ledger, account, amount)"
+            " VALUES ($1, 'quota', 'system:issuance', $2), ($1, 'quota', $3, $4)",
+            entry_id,
+            -amount,
+            user,
+            amount,
+        )
     return entry_id
 
 
@@ -46,7 +52,7 @@ async def test_a_balanced_entry_is_accepted(raw: Conn) -> None:
     assert await raw.fetchval("SELECT count(*) FROM postings WHERE entry_id = $1", entry_id) == 2
 
 
-async def test_an_unbalanced_entry_is_refused_at_commit(raw: Conn) -> None:
+async def test_an_unbalanced_entry_is_refused(raw: Conn) -> None:
     with pytest.raises(asyncpg.CheckViolationError, match="does not balance"):
         async with raw.transaction():
             entry_id = await new_entry(raw)
@@ -68,6 +74,22 @@ async def test_a_posting_added_to_an_old_entry_is_refused(raw: Conn) -> None:
     with pytest.raises(asyncpg.CheckViolationError, match="does not balance"):
         async with raw.transaction():
             await post(raw, entry_id, "quota", "user:2", 5)
+
+
+async def test_postings_are_balanced_by_each_statement_that_posts(raw: Conn) -> None:
+    """Every statement that posts leaves each entry it names balanced: an entry cannot be built up half-way."""
+    entry_id = await new_entry(raw)
+    with pytest.raises(asyncpg.CheckViolationError, match=f"entry {entry_id} does not balance"):
+        await post(raw, entry_id, "quota", "system:issuance", -100)
+    assert await raw.fetchval("SELECT count(*) FROM postings") == 0
+
+
+async def test_a_posting_to_a_missing_entry_is_refused(raw: Conn) -> None:
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="entry 424242, which does not exist"):
+        await raw.execute(
+            "INSERT INTO postings (entry_id, ledger, account, amount)"
+            " VALUES (424242, 'quota', 'user:1', 5), (424242, 'quota', 'system:issuance', -5)"
+        )
 
 
 async def test_without_the_balance_trigger_the_same_write_would_go_through(raw: Conn) -> None:

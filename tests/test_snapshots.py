@@ -25,9 +25,13 @@ async def topup_sql(conn: Conn, user_id: int, amount: int) -> int:
         "INSERT INTO entries (kind, user_id, hash) VALUES ('topup', $1, decode(repeat('00', 32), 'hex')) RETURNING id",
         user_id,
     )
-    await conn.executemany(
-        "INSERT INTO postings (entry_id, ledger, account, amount) VALUES ($1, 'quota', $2, $3)",
-        [(entry_id, "system:issuance", -amount), (entry_id, f"user:{user_id}", amount)],
+    await conn.execute(
+        "INSERT INTO postings (entry_id, ledger, account, amount)"
+        " VALUES ($1, 'quota', 'system:issuance', $2), ($1, 'quota', $3, $4)",
+        entry_id,
+        -amount,
+        f"user:{user_id}",
+        amount,
     )
     return entry_id
 

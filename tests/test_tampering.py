@@ -261,9 +261,13 @@ async def insert_entry(
         reference,
         digest,
     )
-    await conn.executemany(
-        "INSERT INTO postings (entry_id, ledger, account, amount) VALUES ($1, $2, $3, $4)",
-        [(new_id, str(p.ledger), p.account, p.amount) for p in postings],
+    await conn.execute(  # one statement: the balance check runs once per statement that posts
+        "INSERT INTO postings (entry_id, ledger, account, amount)"
+        " SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bigint[])",
+        new_id,
+        [str(p.ledger) for p in postings],
+        [p.account for p in postings],
+        [p.amount for p in postings],
     )
     return int(new_id)
 

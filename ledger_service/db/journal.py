@@ -49,7 +49,7 @@ _INSERT_ENTRY = text(
 async def insert_entry(
     conn: AsyncConnection, draft: EntryDraft, *, charged: int | None = None, fingerprint: bytes | None = None
 ) -> StoredEntry:
-    """Insert a balanced draft and its postings, in one statement. The database re-checks the balance at commit."""
+    """Insert a balanced draft and its postings, in one statement. The database re-checks the balance."""
     row = (
         await conn.execute(
             _INSERT_ENTRY,

@@ -192,7 +192,7 @@ class LedgerService:
     async def _lifecycle(self, operation: Operation) -> Outcome[HoldView]:
         if self.lifecycle is None:
             raise RuntimeError("this LedgerService was built without a lifecycle pool")
-        [result] = await self.lifecycle.run([operation])
+        result = await self.lifecycle.run_one(operation)
         if isinstance(result, errors.LedgerError):
             raise result
         return Outcome(result.row.view(), created=result.created, replayed=result.replayed)

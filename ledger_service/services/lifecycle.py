@@ -62,10 +62,54 @@ def _connection_lost(error: BaseException) -> bool:
     return isinstance(state, str) and (state.startswith("08") or state in {"57P01", "57P02", "57P03", "53300"})
 
 
+MAX_GROUP = 100
+"""The most single calls coalesced into one group (one plan, one commit)."""
+
+
 class LifecycleService:
     def __init__(self, pool: Pool, settings: Settings) -> None:
         self.pool = pool
         self.settings = settings
+        self._waiting: list[tuple[Operation, asyncio.Future[Result]]] = []
+        self._groups_in_flight = 0
+        self._group_tasks: set[asyncio.Task[None]] = set()
+
+    async def run_one(self, operation: Operation) -> Result:
+        """One single call. With coalescing on, it joins the calls waiting while the process already has
+        `coalesce_groups` groups in flight, and is planned and committed with them; alone, it goes at once."""
+        if self.settings.coalesce_groups == 0:
+            [result] = await self.run([operation])
+            return result
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._waiting.append((operation, future))
+        if self._groups_in_flight < self.settings.coalesce_groups:
+            self._groups_in_flight += 1
+            task = asyncio.create_task(self._apply_groups())
+            self._group_tasks.add(task)
+            task.add_done_callback(self._group_tasks.discard)
+        return await future
+
+    async def _apply_groups(self) -> None:
+        """Take the waiting calls, a group at a time, until none is left. Each call gets its own answer; an error
+        of the group's transaction (the database unreachable) is every call's error, and nothing was written."""
+        try:
+            while self._waiting:
+                group = self._waiting[:MAX_GROUP]
+                del self._waiting[:MAX_GROUP]
+                try:
+                    results = await self.run([operation for operation, _ in group])
+                except BaseException as error:
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(error)
+                    if not isinstance(error, Exception):
+                        raise  # cancelled (shutdown): the calls above were told
+                    continue
+                for (_, future), result in zip(group, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self._groups_in_flight -= 1
 
     async def run(self, operations: list[Operation], *, atomic: bool = False) -> list[Result]:
         """Plan and apply the operations; each gets its answer: the request after it, or its refusal."""

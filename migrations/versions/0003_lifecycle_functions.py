@@ -22,6 +22,39 @@ branch_labels: Sequence[str] | None = None
 depends_on: Sequence[str] | None = None
 
 UPGRADE = """
+-- Every entry balances per ledger, checked once per statement that posts instead of once per posting at commit:
+-- a batch of 100 operations writes 300 postings in one statement. The check covers all of each named entry's
+-- postings, so a posting added later to an old entry is refused too. The same statement checks that the entries
+-- exist, which the foreign key did with a lookup and a row lock per posting (entries are never deleted).
+ALTER TABLE postings DROP CONSTRAINT postings_entry_id_fkey;
+DROP TRIGGER postings_balanced ON postings;
+CREATE FUNCTION ledger_check_posted_entries() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    offender record;
+BEGIN
+    SELECT n.entry_id INTO offender
+      FROM (SELECT DISTINCT entry_id FROM posted) n
+     WHERE NOT EXISTS (SELECT 1 FROM entries e WHERE e.id = n.entry_id)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'postings name entry %, which does not exist', offender.entry_id
+            USING ERRCODE = 'foreign_key_violation', CONSTRAINT = 'postings_entry_id_fkey';
+    END IF;
+    SELECT p.entry_id, p.ledger, sum(p.amount) AS total INTO offender
+      FROM postings p
+     WHERE p.entry_id IN (SELECT DISTINCT entry_id FROM posted)
+     GROUP BY p.entry_id, p.ledger HAVING sum(p.amount) <> 0
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'entry % does not balance: ledger % sums to %', offender.entry_id, offender.ledger,
+            offender.total USING ERRCODE = 'check_violation', CONSTRAINT = 'postings_balanced';
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER postings_balanced AFTER INSERT ON postings REFERENCING NEW TABLE AS posted
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_check_posted_entries();
+
 -- The one definition of a balance: the account's snapshot row plus its postings at or above the row's horizon.
 -- An account without a row had nothing below the latest run's horizon (hold accounts are never snapshotted).
 CREATE FUNCTION ledger_balance(account text, ledger text) RETURNS bigint LANGUAGE sql STABLE AS $$
@@ -40,9 +73,13 @@ $$;
 -- the one locks.lock_user takes, so plans also serialize with token changes.
 CREATE FUNCTION ledger_lock_plan(user_ids bigint[], request_ids text[]) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtextextended('user:' || u, 0))
-       FROM (SELECT DISTINCT u FROM unnest(user_ids) AS u ORDER BY u) locked;
-    PERFORM 1 FROM requests WHERE request_id = ANY (request_ids) ORDER BY request_id FOR UPDATE;
+    IF cardinality(user_ids) > 0 THEN
+        PERFORM pg_advisory_xact_lock(hashtextextended('user:' || u, 0))
+           FROM (SELECT DISTINCT u FROM unnest(user_ids) AS u ORDER BY u) locked;
+    END IF;
+    IF cardinality(request_ids) > 0 THEN
+        PERFORM 1 FROM requests WHERE request_id = ANY (request_ids) ORDER BY request_id FOR UPDATE;
+    END IF;
 END
 $$;
 
@@ -71,11 +108,11 @@ BEGIN
                 'refund_fingerprint', encode(r.refund_fingerprint, 'hex'),
                 'created_at', r.created_at, 'expires_at', r.expires_at))
               FROM requests r
-             WHERE r.request_id IN (SELECT jsonb_array_elements_text(want->'request_ids'))), '[]'),
+             WHERE r.request_id = ANY (ARRAY(SELECT jsonb_array_elements_text(want->'request_ids')))), '[]'),
         'tokens', coalesce((
             SELECT jsonb_agg(jsonb_build_object('token_id', t.token_id, 'user_id', t.user_id, 'unlimited', t.unlimited))
               FROM tokens t
-             WHERE t.token_id IN (SELECT jsonb_array_elements_text(want->'token_ids')::bigint)), '[]'),
+             WHERE t.token_id = ANY (ARRAY(SELECT jsonb_array_elements_text(want->'token_ids')::bigint))), '[]'),
         'balances', coalesce((
             SELECT jsonb_agg(jsonb_build_object('account', a->>0, 'ledger', a->>1,
                                                 'balance', ledger_balance(a->>0, a->>1)))
@@ -85,11 +122,11 @@ BEGIN
                                                 'completion_ratio', m.completion_ratio::text,
                                                 'model_price', m.model_price::text))
               FROM model_prices m
-             WHERE m.model IN (SELECT jsonb_array_elements_text(want->'models'))), '[]'),
+             WHERE m.model = ANY (ARRAY(SELECT jsonb_array_elements_text(want->'models')))), '[]'),
         'groups', coalesce((
             SELECT jsonb_agg(jsonb_build_object('group_name', g.group_name, 'group_ratio', g.group_ratio::text))
               FROM group_ratios g
-             WHERE g.group_name IN (SELECT jsonb_array_elements_text(want->'groups'))), '[]')
+             WHERE g.group_name = ANY (ARRAY(SELECT jsonb_array_elements_text(want->'groups')))), '[]')
     ) INTO found;
     RETURN found;
 END
@@ -110,22 +147,27 @@ BEGIN
     IF expected_requests > 0 THEN
         SELECT count(*) INTO matching
           FROM jsonb_to_recordset(plan->'expect_requests') AS e(request_id text, status text)
-          JOIN requests r ON r.request_id = e.request_id AND r.status = e.status;
+          JOIN requests r ON r.request_id = e.request_id AND r.status = e.status
+         WHERE r.request_id = ANY (ARRAY(SELECT x->>'request_id' FROM jsonb_array_elements(plan->'expect_requests') x));
         IF matching <> expected_requests THEN
             RETURN '{"stale": true}';
         END IF;
     END IF;
-    IF EXISTS (SELECT 1 FROM jsonb_to_recordset(plan->'expect_balances') AS b(account text, ledger text, balance bigint)
+    IF jsonb_array_length(plan->'expect_balances') > 0 AND EXISTS (
+               SELECT 1 FROM jsonb_to_recordset(plan->'expect_balances') AS b(account text, ledger text, balance bigint)
                 WHERE ledger_balance(b.account, b.ledger) <> b.balance) THEN
         RETURN '{"stale": true}';
     END IF;
-    IF EXISTS (SELECT 1 FROM jsonb_to_recordset(plan->'expect_tokens') AS t(token_id bigint, unlimited boolean)
+    IF jsonb_array_length(plan->'expect_tokens') > 0 AND EXISTS (
+               SELECT 1 FROM jsonb_to_recordset(plan->'expect_tokens') AS t(token_id bigint, unlimited boolean)
                 LEFT JOIN tokens k ON k.token_id = t.token_id
                 WHERE k.unlimited IS DISTINCT FROM t.unlimited) THEN
         RETURN '{"stale": true}';
     END IF;
 
     -- Requests first created by this plan, in their final state; a taken request_id fails the whole plan.
+    created := '[]';
+    IF jsonb_array_length(plan->'new_requests') > 0 THEN
     WITH inserted AS (
         INSERT INTO requests (request_id, kind, status, user_id, token_id, token_limited, group_name, model,
                               prompt_tokens, max_tokens, amount, trusted, model_ratio, completion_ratio, group_ratio,
@@ -149,8 +191,10 @@ BEGIN
     SELECT coalesce(jsonb_agg(jsonb_build_object('request_id', request_id, 'created_at', created_at,
                                                  'expires_at', expires_at)), '[]')
       INTO created FROM inserted;
+    END IF;
 
     -- Requests that existed before the plan, moved to their final state (the lifecycle trigger checks the step).
+    IF jsonb_array_length(plan->'updated_requests') > 0 THEN
     UPDATE requests r
        SET status = u.status, channel_id = u.channel_id, settled_prompt_tokens = u.settled_prompt_tokens,
            completion_tokens = u.completion_tokens, charged = u.charged, late = u.late,
@@ -159,9 +203,11 @@ BEGIN
       FROM jsonb_to_recordset(plan->'updated_requests') AS u(
            request_id text, status text, channel_id bigint, settled_prompt_tokens bigint, completion_tokens bigint,
            charged bigint, late boolean, settle_fingerprint text, refund_fingerprint text)
-     WHERE r.request_id = u.request_id;
+     WHERE r.request_id = u.request_id
+       AND r.request_id = ANY (ARRAY(SELECT x->>'request_id' FROM jsonb_array_elements(plan->'updated_requests') x));
+    END IF;
 
-    -- Entries in plan order, each with its postings; the deferred trigger checks that every entry balances.
+    -- Entries in plan order, each with its postings; the postings' trigger checks that every entry balances.
     WITH planned AS (
         SELECT nextval(pg_get_serial_sequence('entries', 'id')) AS id, e.doc
           FROM jsonb_array_elements(plan->'entries') WITH ORDINALITY AS e(doc, position)
@@ -182,6 +228,11 @@ $$;
 """
 
 DOWNGRADE = """
+DROP TRIGGER postings_balanced ON postings;
+DROP FUNCTION ledger_check_posted_entries();
+CREATE CONSTRAINT TRIGGER postings_balanced AFTER INSERT ON postings
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION ledger_check_entry_balanced();
+ALTER TABLE postings ADD CONSTRAINT postings_entry_id_fkey FOREIGN KEY (entry_id) REFERENCES entries (id);
 DROP FUNCTION ledger_lifecycle_apply(jsonb), ledger_lifecycle_read(jsonb), ledger_lock_plan(bigint[], text[]),
     ledger_balance(text, text);
 """
