@@ -474,8 +474,10 @@ async def run_benchmark(options: Options, say: Callable[[str], None]) -> dict[st
                     chosen = (
                         Workload(workload.clients, workload.users, 1, workload.duration) if name == "hot" else workload
                     )
-                    # Every phase starts from a checkpoint, so none pays for the writeback of the one before it
-                    # (pgbench's initialisation alone dirties hundreds of megabytes).
+                    # Every phase starts vacuumed and from a checkpoint, so none pays for the autovacuum or the
+                    # writeback the one before it left behind (pgbench's initialisation alone dirties hundreds of
+                    # megabytes). pgbench vacuums its own tables before it runs, for the same reason.
+                    await _sql(url_for(base_url, ledger_db), "VACUUM (ANALYZE)")
                     await _sql(base_url, "CHECKPOINT")
                     driving = drive("127.0.0.1", service.port, admin, chosen, f"r{run}-{name}", batched=name == "batch")
                     if options.profile and name == "single" and run == 0:

@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from ledger_service.db import lifecycle as lifecycle_db
-from ledger_service.domain.planning import Operation, Plan, Result
+from ledger_service.domain.planning import Operation, Plan, Planner, Result
+from ledger_service.schemas import HoldCommand
 from ledger_service.services.lifecycle import LifecycleService
 from tests.support import Ledger
 
@@ -164,3 +165,53 @@ async def test_holds_stay_serialized_when_the_database_defaults_to_repeatable_re
     responses = await fifty_holds(ledger)
     assert codes(responses) == {"201": 10, "insufficient_user_quota": 40}
     assert (await ledger.user(1))["available"] == 0
+
+
+async def _plan_hold(ledger: Ledger, request_id: str, trust_factor: int = 0) -> Plan:
+    """A hold of ESTIMATE for user 1, planned from what the database says now (not yet applied)."""
+    command = HoldCommand(
+        request_id=request_id, user_id=1, token_id=1, model="gpt-4o", prompt_tokens=100, max_tokens=200
+    )
+    operations = [Operation("hold", request_id, command)]
+    snapshot = await lifecycle_db.read(ledger.conn, operations, lock=False)
+    planner = Planner(snapshot, pre_consumed_quota=500, trust_factor=trust_factor, hold_ttl=600)
+    return planner.plan_all(operations, atomic=False)
+
+
+@pytest.mark.parametrize("with_premises", [True, False])
+async def test_a_plan_whose_balance_changed_is_stale_and_writes_nothing(ledger: Ledger, with_premises: bool) -> None:
+    """Two holds planned from the same balance, applied one after the other: the second plan's premise (the balance
+    it was decided on) no longer holds, so it writes nothing. Control: without premises it overdraws the user."""
+    await ledger.fund(1, ESTIMATE + ESTIMATE // 2)
+    await ledger.token(1, 1)
+    first, second = await _plan_hold(ledger, "first"), await _plan_hold(ledger, "second")
+    assert await lifecycle_db.apply(ledger.conn, first, with_premises=with_premises) is not None
+    applied = await lifecycle_db.apply(ledger.conn, second, with_premises=with_premises)
+    if with_premises:
+        assert applied is None
+        assert await ledger.count("SELECT count(*) FROM requests") == 1
+        assert await ledger.count("SELECT count(*) FROM entries WHERE kind = 'hold'") == 1
+        assert (await ledger.user(1))["available"] == ESTIMATE // 2
+    else:
+        assert applied is not None
+        assert (await ledger.user(1))["available"] == -ESTIMATE // 2
+    await ledger.assert_books_balance()
+
+
+@pytest.mark.parametrize("with_premises", [True, False])
+async def test_a_trusted_hold_whose_user_no_longer_qualifies_is_stale(ledger: Ledger, with_premises: bool) -> None:
+    """Trust (nothing held) was decided on a balance above 100 x the estimate; a consumption then takes the user
+    below it. The plan's premise covers the trust rule too: it goes stale. Control: without premises the user
+    gets an unbacked trusted hold."""
+    await ledger.fund(1, 100 * ESTIMATE + 1)
+    await ledger.token(1, 1)
+    trusted = await _plan_hold(ledger, "trusted", trust_factor=100)
+    assert trusted.results[0].row.trusted  # type: ignore[union-attr]
+    consumption = {"request_id": "drain", "user_id": 1, "token_id": 1, "channel_id": 1, "model": "gpt-4o",
+                   "prompt_tokens": 0, "completion_tokens": 0, "quota": 10}  # fmt: skip
+    assert (await ledger.post("/v1/consumptions", consumption)).status_code == 201
+    applied = await lifecycle_db.apply(ledger.conn, trusted, with_premises=with_premises)
+    assert (applied is None) is with_premises
+    assert await ledger.count("SELECT count(*) FROM requests WHERE request_id = 'trusted'") == (
+        0 if with_premises else 1
+    )

@@ -128,6 +128,9 @@ class _Applied(msgspec.Struct):
     created: list[_Created] = []
 
 
+STALE_PLAN = "LS001"
+"""SQLSTATE of ledger_lifecycle_apply when a balance or token premise failed after the plan's writes."""
+
 _snapshot_decoder = msgspec.json.Decoder(_Snapshot)
 _applied_decoder = msgspec.json.Decoder(_Applied)
 _encoder = msgspec.json.Encoder()
@@ -246,6 +249,11 @@ def _plan_document(plan: Plan, *, with_premises: bool) -> dict[str, Any]:
                 "resolved": row.kind is RequestKind.HOLD and row.status is not RequestStatus.OPEN,
             }
         )
+    changes: dict[tuple[str, Ledger], int] = {}
+    for draft, _ in plan.entries:
+        for posting in draft.postings:
+            key = (posting.account, posting.ledger)
+            changes[key] = changes.get(key, 0) + posting.amount
     entries = [
         {
             "kind": str(draft.kind),
@@ -266,8 +274,14 @@ def _plan_document(plan: Plan, *, with_premises: bool) -> dict[str, Any]:
             {"request_id": request_id, "status": str(status)} for request_id, status in plan.expect_requests.items()
         ],
         "expect_balances": [
-            {"account": account, "ledger": str(ledger), "balance": balance}
-            for (account, ledger), balance in plan.expect_balances.items()
+            # Checked after the plan's own postings are written: the bounds shift by the plan's change.
+            {
+                "account": account,
+                "ledger": str(ledger),
+                "low": None if bounds.low is None else bounds.low + changes.get((account, ledger), 0),
+                "high": None if bounds.high is None else bounds.high + changes.get((account, ledger), 0),
+            }
+            for (account, ledger), bounds in plan.balance_bounds.items()
         ]
         if with_premises
         else [],
@@ -291,7 +305,13 @@ async def apply(
     requests it moves are checked. Returns the creation and expiry times of the requests it created.
     """
     document = _encoder.encode(_plan_document(plan, with_premises=with_premises)).decode()
-    applied = _applied_decoder.decode(await conn.fetchval("SELECT ledger_lifecycle_apply($1::jsonb)", document))
+    try:
+        answer = await conn.fetchval("SELECT ledger_lifecycle_apply($1::jsonb)", document)
+    except asyncpg.PostgresError as error:
+        if error.sqlstate == STALE_PLAN:
+            return None  # the statement, and with it everything the plan wrote, was rolled back
+        raise
+    applied = _applied_decoder.decode(answer)
     if applied.stale:
         return None
     return {c.request_id: (c.created_at, c.expires_at) for c in applied.created}

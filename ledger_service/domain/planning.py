@@ -84,13 +84,29 @@ class Planned:
 Result = Planned | errors.LedgerError
 
 
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """A closed range of balances; None is unbounded on that side."""
+
+    low: int | None = None
+    high: int | None = None
+
+    def narrowed(self, low: int | None, high: int | None) -> Bounds:
+        return Bounds(
+            low=low if self.low is None else self.low if low is None else max(self.low, low),
+            high=high if self.high is None else self.high if high is None else min(self.high, high),
+        )
+
+
 @dataclass(slots=True)
 class Plan:
     """Everything a set of operations writes, and the premises under which it may be written."""
 
     results: list[Result] = field(default_factory=list)
     lock_users: set[int] = field(default_factory=set)
-    expect_balances: dict[tuple[str, Ledger], int] = field(default_factory=dict)
+    balance_bounds: dict[tuple[str, Ledger], Bounds] = field(default_factory=dict)
+    """For each balance a decision rests on: the range its value before the plan may take at apply time for every
+    decision of the plan to come out the same (the planner works from the value read)."""
     expect_tokens: dict[int, bool] = field(default_factory=dict)
     expect_requests: dict[str, RequestStatus] = field(default_factory=dict)
     new_requests: dict[str, int | None] = field(default_factory=dict)
@@ -205,11 +221,44 @@ class Planner:
         return TokenState(token_id=token_id, user_id=user_id, unlimited=unlimited, remaining=remaining)
 
     def _balance(self, account: str, ledger: Ledger) -> int:
-        """A balance the decision rests on: as read plus this plan's postings; the read value becomes a premise."""
+        """A balance as read plus this plan's postings so far."""
+        return self._balances[(account, ledger)]
+
+    def _require(
+        self, account: str, ledger: Ledger, *, at_least: int | None = None, at_most: int | None = None
+    ) -> None:
+        """A premise: the decision just made stays the same while the running balance stays in [at_least, at_most].
+
+        Stored in terms of the balance before the plan: the running balance is that plus the plan's earlier
+        postings, which are the same whatever other calls commit in between.
+        """
         key = (account, ledger)
-        if key not in self.plan.expect_balances:
-            self.plan.expect_balances[key] = self.snapshot.balances[key]
-        return self._balances[key]
+        earlier = self._balances[key] - self.snapshot.balances[key]
+        bounds = self.plan.balance_bounds.get(key, Bounds())
+        self.plan.balance_bounds[key] = bounds.narrowed(
+            None if at_least is None else at_least - earlier, None if at_most is None else at_most - earlier
+        )
+
+    def _hold_premises(
+        self, command: HoldCommand, token: TokenState, available: int, estimate: int, trusted: bool
+    ) -> None:
+        """What must still be true of the user's and token's balances for this hold's decision to stand."""
+        user = accounts.user(command.user_id)
+        allowance = accounts.token(command.token_id)
+        self._require(user, Ledger.QUOTA, at_least=estimate)
+        if token.limited:
+            self._require(allowance, Ledger.ALLOWANCE, at_least=estimate)
+        if self.trust_factor == 0:
+            return
+        threshold = self.trust_factor * estimate
+        if trusted:  # both parts of the trust rule held, and must keep holding
+            self._require(user, Ledger.QUOTA, at_least=threshold + 1)
+            if token.limited:
+                self._require(allowance, Ledger.ALLOWANCE, at_least=threshold + 1)
+        elif available <= threshold:  # untrusted: keep the part of the rule that failed failing
+            self._require(user, Ledger.QUOTA, at_most=threshold)
+        else:
+            self._require(allowance, Ledger.ALLOWANCE, at_most=threshold)
 
     def _post(self, draft: EntryDraft, charged: int | None = None) -> None:
         self.plan.entries.append((draft, charged))
@@ -253,6 +302,7 @@ class Planner:
         available = self._balance(accounts.user(command.user_id), Ledger.QUOTA)
         decision = decide_hold(available=available, token=token, estimate=estimate, trust_factor=self.trust_factor)
         # Decided: from here on the plan changes.
+        self._hold_premises(command, token, available, estimate, decision.trusted)
         self.plan.lock_users.add(command.user_id)
         self.plan.expect_tokens[command.token_id] = token.unlimited
         row = RequestRow(

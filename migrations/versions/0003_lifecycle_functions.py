@@ -42,7 +42,7 @@ BEGIN
     END IF;
     SELECT p.entry_id, p.ledger, sum(p.amount) AS total INTO offender
       FROM postings p
-     WHERE p.entry_id IN (SELECT DISTINCT entry_id FROM posted)
+     WHERE p.entry_id = ANY (ARRAY(SELECT DISTINCT entry_id FROM posted))  -- index probes, whatever the size
      GROUP BY p.entry_id, p.ledger HAVING sum(p.amount) <> 0
      LIMIT 1;
     IF FOUND THEN
@@ -69,16 +69,17 @@ CREATE FUNCTION ledger_balance(account text, ledger text) RETURNS bigint LANGUAG
       LEFT JOIN balance_snapshots s ON s.account = ledger_balance.account AND s.ledger = ledger_balance.ledger
 $$;
 
--- Lock the users (advisory, ascending) and request rows (FOR UPDATE, ascending) a plan touches. The user key is
--- the one locks.lock_user takes, so plans also serialize with token changes.
+-- Lock the request rows (FOR UPDATE, ascending) and then the users (advisory, ascending) a plan touches: always in
+-- that order, so that plans cannot deadlock on each other. The user key is the one locks.lock_user takes, so plans
+-- also serialize with token changes.
 CREATE FUNCTION ledger_lock_plan(user_ids bigint[], request_ids text[]) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
+    IF cardinality(request_ids) > 0 THEN
+        PERFORM 1 FROM requests WHERE request_id = ANY (request_ids) ORDER BY request_id FOR UPDATE;
+    END IF;
     IF cardinality(user_ids) > 0 THEN
         PERFORM pg_advisory_xact_lock(hashtextextended('user:' || u, 0))
            FROM (SELECT DISTINCT u FROM unnest(user_ids) AS u ORDER BY u) locked;
-    END IF;
-    IF cardinality(request_ids) > 0 THEN
-        PERFORM 1 FROM requests WHERE request_id = ANY (request_ids) ORDER BY request_id FOR UPDATE;
     END IF;
 END
 $$;
@@ -132,19 +133,21 @@ BEGIN
 END
 $$;
 
--- Apply a plan: lock, check its premises, then write its requests, entries and postings set-based.
--- Answers {"stale": true} having written nothing when a premise no longer holds; else the new requests' times.
+-- Apply a plan: check its premises, then write its requests, entries and postings set-based.
+-- The request rows it moves are locked and compared first. The users' locks are taken only after the writes, so
+-- that they are held for the balance check and the commit, not for the writes: the balances then include the
+-- plan's own postings, and each premise (the range a balance must be in for the plan's decisions to stand) is
+-- shifted by the plan's own change.
+-- A premise that no longer holds: nothing is written (or everything is rolled back, SQLSTATE LS001).
 CREATE FUNCTION ledger_lifecycle_apply(plan jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     expected_requests integer := jsonb_array_length(plan->'expect_requests');
     matching integer;
     created jsonb;
 BEGIN
-    PERFORM ledger_lock_plan(ARRAY(SELECT jsonb_array_elements_text(plan->'lock_users')::bigint),
-                             ARRAY(SELECT e->>'request_id' FROM jsonb_array_elements(plan->'expect_requests') e));
-
-    -- Premises. Each statement below reads a fresh snapshot, taken after the locks were granted.
     IF expected_requests > 0 THEN
+        PERFORM ledger_lock_plan('{}',
+            ARRAY(SELECT e->>'request_id' FROM jsonb_array_elements(plan->'expect_requests') e));
         SELECT count(*) INTO matching
           FROM jsonb_to_recordset(plan->'expect_requests') AS e(request_id text, status text)
           JOIN requests r ON r.request_id = e.request_id AND r.status = e.status
@@ -152,17 +155,6 @@ BEGIN
         IF matching <> expected_requests THEN
             RETURN '{"stale": true}';
         END IF;
-    END IF;
-    IF jsonb_array_length(plan->'expect_balances') > 0 AND EXISTS (
-               SELECT 1 FROM jsonb_to_recordset(plan->'expect_balances') AS b(account text, ledger text, balance bigint)
-                WHERE ledger_balance(b.account, b.ledger) <> b.balance) THEN
-        RETURN '{"stale": true}';
-    END IF;
-    IF jsonb_array_length(plan->'expect_tokens') > 0 AND EXISTS (
-               SELECT 1 FROM jsonb_to_recordset(plan->'expect_tokens') AS t(token_id bigint, unlimited boolean)
-                LEFT JOIN tokens k ON k.token_id = t.token_id
-                WHERE k.unlimited IS DISTINCT FROM t.unlimited) THEN
-        RETURN '{"stale": true}';
     END IF;
 
     -- Requests first created by this plan, in their final state; a taken request_id fails the whole plan.
@@ -221,6 +213,25 @@ BEGIN
     INSERT INTO postings (entry_id, ledger, account, amount)
     SELECT planned.id, p->>0, p->>1, (p->>2)::bigint
       FROM planned, jsonb_array_elements(planned.doc->'postings') AS p;
+
+    -- The balance premises, under the users' locks: each statement reads a fresh snapshot, taken after the locks
+    -- were granted, in which the plan's own postings are visible.
+    IF jsonb_array_length(plan->'lock_users') > 0 THEN
+        PERFORM ledger_lock_plan(ARRAY(SELECT jsonb_array_elements_text(plan->'lock_users')::bigint), '{}');
+    END IF;
+    IF jsonb_array_length(plan->'expect_balances') > 0 AND EXISTS (
+               SELECT 1
+                 FROM jsonb_to_recordset(plan->'expect_balances') AS b(account text, ledger text, low bigint, high bigint),
+                      LATERAL (SELECT ledger_balance(b.account, b.ledger) AS now) n
+                WHERE n.now < b.low OR n.now > b.high) THEN
+        RAISE EXCEPTION 'a balance this plan was decided on has changed' USING ERRCODE = 'LS001';
+    END IF;
+    IF jsonb_array_length(plan->'expect_tokens') > 0 AND EXISTS (
+               SELECT 1 FROM jsonb_to_recordset(plan->'expect_tokens') AS t(token_id bigint, unlimited boolean)
+                LEFT JOIN tokens k ON k.token_id = t.token_id
+                WHERE k.unlimited IS DISTINCT FROM t.unlimited) THEN
+        RAISE EXCEPTION 'a token this plan was decided on has changed' USING ERRCODE = 'LS001';
+    END IF;
 
     RETURN jsonb_build_object('created', created);
 END
