@@ -6,7 +6,7 @@ a rolled-back or retried attempt is never counted.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 HOLDS_OPENED = Counter("ledger_holds_opened_total", "Holds created (trusted ones included)", ["trusted"])
 HOLDS_SETTLED = Counter("ledger_holds_settled_total", "Holds settled", ["late"])
@@ -27,3 +27,11 @@ UNSEALED_ENTRIES = Gauge(
 )
 BACKGROUND_FAILURES = Counter("ledger_background_failures_total", "Failed rounds of a background job", ["job"])
 RATE_LIMITED = Counter("ledger_rate_limited_total", "Requests refused by the per-key rate limit")
+LIFECYCLE_GROUP_SIZE = Histogram(
+    "ledger_lifecycle_group_size",
+    "Lifecycle operations planned and committed together (a coalesced group of single calls, or a batch)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000),
+)
+STALE_PLANS = Counter(
+    "ledger_stale_plans_total", "Plans whose premises no longer held when applied, planned again under locks"
+)

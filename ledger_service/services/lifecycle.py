@@ -129,8 +129,10 @@ class LifecycleService:
                         raise
                 for name, label in plan.events:
                     _COUNTERS[name](label)
+                metrics.LIFECYCLE_GROUP_SIZE.observe(len(operations))
                 return plan.results
             except _Stale:
+                metrics.STALE_PLANS.inc()
                 pessimistic = True
                 continue
             except asyncpg.PostgresError as error:
