@@ -62,6 +62,9 @@ def _connection_lost(error: BaseException) -> bool:
     return isinstance(state, str) and (state.startswith("08") or state in {"57P01", "57P02", "57P03", "53300"})
 
 
+POOL_WAIT_SECONDS = 10
+"""How long a call waits for a connection of the lifecycle pool before it is answered 503 (as for the engine)."""
+
 MAX_GROUP = 100
 """The most single calls coalesced into one group (one plan, one commit)."""
 
@@ -116,7 +119,7 @@ class LifecycleService:
         pessimistic = False
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                async with self.pool.acquire() as conn:
+                async with self.pool.acquire(timeout=POOL_WAIT_SECONDS) as conn:
                     try:
                         if pessimistic:
                             async with conn.transaction(isolation="read_committed"):
