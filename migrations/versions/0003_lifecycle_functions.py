@@ -160,43 +160,45 @@ BEGIN
     -- Requests first created by this plan, in their final state; a taken request_id fails the whole plan.
     created := '[]';
     IF jsonb_array_length(plan->'new_requests') > 0 THEN
-    WITH inserted AS (
-        INSERT INTO requests (request_id, kind, status, user_id, token_id, token_limited, group_name, model,
-                              prompt_tokens, max_tokens, amount, trusted, model_ratio, completion_ratio, group_ratio,
-                              model_price, channel_id, settled_prompt_tokens, completion_tokens, charged, late,
-                              request_fingerprint, settle_fingerprint, refund_fingerprint, expires_at, resolved_at)
-        SELECT r.request_id, r.kind, r.status, r.user_id, r.token_id, r.token_limited, r.group_name, r.model,
-               r.prompt_tokens, r.max_tokens, r.amount, r.trusted, r.model_ratio, r.completion_ratio, r.group_ratio,
-               r.model_price, r.channel_id, r.settled_prompt_tokens, r.completion_tokens, r.charged, r.late,
-               decode(r.request_fingerprint, 'hex'), decode(r.settle_fingerprint, 'hex'),
-               decode(r.refund_fingerprint, 'hex'),
-               now() + make_interval(secs => r.expires_in), CASE WHEN r.resolved THEN now() END
-          FROM jsonb_to_recordset(plan->'new_requests') AS r(
-               request_id text, kind text, status text, user_id bigint, token_id bigint, token_limited boolean,
-               group_name text, model text, prompt_tokens bigint, max_tokens bigint, amount bigint, trusted boolean,
-               model_ratio numeric, completion_ratio numeric, group_ratio numeric, model_price numeric,
-               channel_id bigint, settled_prompt_tokens bigint, completion_tokens bigint, charged bigint,
-               late boolean, request_fingerprint text, settle_fingerprint text, refund_fingerprint text,
-               expires_in bigint, resolved boolean)
-        RETURNING request_id, created_at, expires_at
-    )
-    SELECT coalesce(jsonb_agg(jsonb_build_object('request_id', request_id, 'created_at', created_at,
-                                                 'expires_at', expires_at)), '[]')
-      INTO created FROM inserted;
+        WITH inserted AS (
+            INSERT INTO requests (request_id, kind, status, user_id, token_id, token_limited, group_name,
+                                  model, prompt_tokens, max_tokens, amount, trusted, model_ratio,
+                                  completion_ratio, group_ratio, model_price, channel_id, settled_prompt_tokens,
+                                  completion_tokens, charged, late, request_fingerprint, settle_fingerprint,
+                                  refund_fingerprint, expires_at, resolved_at)
+            SELECT r.request_id, r.kind, r.status, r.user_id, r.token_id, r.token_limited, r.group_name, r.model,
+                   r.prompt_tokens, r.max_tokens, r.amount, r.trusted, r.model_ratio, r.completion_ratio, r.group_ratio,
+                   r.model_price, r.channel_id, r.settled_prompt_tokens, r.completion_tokens, r.charged, r.late,
+                   decode(r.request_fingerprint, 'hex'), decode(r.settle_fingerprint, 'hex'),
+                   decode(r.refund_fingerprint, 'hex'),
+                   now() + make_interval(secs => r.expires_in), CASE WHEN r.resolved THEN now() END
+              FROM jsonb_to_recordset(plan->'new_requests') AS r(
+                   request_id text, kind text, status text, user_id bigint, token_id bigint, token_limited boolean,
+                   group_name text, model text, prompt_tokens bigint, max_tokens bigint, amount bigint, trusted boolean,
+                   model_ratio numeric, completion_ratio numeric, group_ratio numeric, model_price numeric,
+                   channel_id bigint, settled_prompt_tokens bigint, completion_tokens bigint, charged bigint,
+                   late boolean, request_fingerprint text, settle_fingerprint text, refund_fingerprint text,
+                   expires_in bigint, resolved boolean)
+            RETURNING request_id, created_at, expires_at
+        )
+        SELECT coalesce(jsonb_agg(jsonb_build_object('request_id', request_id, 'created_at', created_at,
+                                                     'expires_at', expires_at)), '[]')
+          INTO created FROM inserted;
     END IF;
 
     -- Requests that existed before the plan, moved to their final state (the lifecycle trigger checks the step).
     IF jsonb_array_length(plan->'updated_requests') > 0 THEN
-    UPDATE requests r
-       SET status = u.status, channel_id = u.channel_id, settled_prompt_tokens = u.settled_prompt_tokens,
-           completion_tokens = u.completion_tokens, charged = u.charged, late = u.late,
-           settle_fingerprint = decode(u.settle_fingerprint, 'hex'),
-           refund_fingerprint = decode(u.refund_fingerprint, 'hex'), resolved_at = now()
-      FROM jsonb_to_recordset(plan->'updated_requests') AS u(
-           request_id text, status text, channel_id bigint, settled_prompt_tokens bigint, completion_tokens bigint,
-           charged bigint, late boolean, settle_fingerprint text, refund_fingerprint text)
-     WHERE r.request_id = u.request_id
-       AND r.request_id = ANY (ARRAY(SELECT x->>'request_id' FROM jsonb_array_elements(plan->'updated_requests') x));
+        UPDATE requests r
+           SET status = u.status, channel_id = u.channel_id, settled_prompt_tokens = u.settled_prompt_tokens,
+               completion_tokens = u.completion_tokens, charged = u.charged, late = u.late,
+               settle_fingerprint = decode(u.settle_fingerprint, 'hex'),
+               refund_fingerprint = decode(u.refund_fingerprint, 'hex'), resolved_at = now()
+          FROM jsonb_to_recordset(plan->'updated_requests') AS u(
+               request_id text, status text, channel_id bigint, settled_prompt_tokens bigint, completion_tokens bigint,
+               charged bigint, late boolean, settle_fingerprint text, refund_fingerprint text)
+         WHERE r.request_id = u.request_id
+           AND r.request_id = ANY (ARRAY(SELECT x->>'request_id'
+                                           FROM jsonb_array_elements(plan->'updated_requests') x));
     END IF;
 
     -- Entries in plan order, each with its postings; the postings' trigger checks that every entry balances.
@@ -221,7 +223,8 @@ BEGIN
     END IF;
     IF jsonb_array_length(plan->'expect_balances') > 0 AND EXISTS (
                SELECT 1
-                 FROM jsonb_to_recordset(plan->'expect_balances') AS b(account text, ledger text, low bigint, high bigint),
+                 FROM jsonb_to_recordset(plan->'expect_balances')
+                      AS b(account text, ledger text, low bigint, high bigint),
                       LATERAL (SELECT ledger_balance(b.account, b.ledger) AS now) n
                 WHERE n.now < b.low OR n.now > b.high) THEN
         RAISE EXCEPTION 'a balance this plan was decided on has changed' USING ERRCODE = 'LS001';
