@@ -215,3 +215,19 @@ async def test_a_trusted_hold_whose_user_no_longer_qualifies_is_stale(ledger: Le
     assert await ledger.count("SELECT count(*) FROM requests WHERE request_id = 'trusted'") == (
         0 if with_premises else 1
     )
+
+
+async def test_a_trust_threshold_beyond_bigint_is_still_a_premise(ledger: Ledger) -> None:
+    """With the largest trust factor, a hold of 10^15 has a threshold of 10^21, beyond any stored amount; its premise
+    ('at most the threshold') must still be checked rather than fail the whole plan (bounds are numeric)."""
+    await ledger.fund(1, 10**15)
+    await ledger.token(1, 1)
+    command = HoldCommand(request_id="huge", user_id=1, token_id=1, model="gpt-4o", prompt_tokens=0, amount=10**15)
+    operations = [Operation("hold", "huge", command)]
+    snapshot = await lifecycle_db.read(ledger.conn, operations, lock=False)
+    plan = Planner(snapshot, pre_consumed_quota=500, trust_factor=10**6, hold_ttl=600).plan_all(
+        operations, atomic=False
+    )
+    assert plan.balance_bounds  # the untrusted decision rests on 'at most 10^21'
+    assert await lifecycle_db.apply(ledger.conn, plan, with_premises=True) is not None
+    assert (await ledger.user(1))["available"] == 0

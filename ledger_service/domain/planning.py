@@ -168,8 +168,11 @@ def wanted(operations: list[Operation]) -> dict[str, list[Any]]:
 
 
 def lock_targets(operations: list[Operation]) -> tuple[list[int], list[str]]:
-    """The users whose balances the operations check (holds), and the requests they may move (settle, refund)."""
-    users = sorted({op.command.user_id for op in operations if isinstance(op.command, HoldCommand)})
+    """The users whose balances or tokens the operations decide on (holds, consumptions), and the requests they may
+    move (settle, refund)."""
+    users = sorted(
+        {op.command.user_id for op in operations if isinstance(op.command, HoldCommand | ConsumptionCommand)}
+    )
     moved = sorted({op.request_id for op in operations if op.op in ("settle", "refund")})
     return users, moved
 
@@ -471,6 +474,8 @@ class Planner:
         )
         prices = self.snapshot.prices(command.model, command.group)
         charge = charge_of(prices, command)
+        # The token's kind decides the postings: check it under the user's lock, which token changes take too.
+        self.plan.lock_users.add(command.user_id)
         self.plan.expect_tokens[command.token_id] = token.unlimited
         row = RequestRow(
             request_id=command.request_id,

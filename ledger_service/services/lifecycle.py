@@ -105,8 +105,12 @@ class LifecycleService:
                     for _, future in group:
                         if not future.done():
                             future.set_exception(error)
-                    if not isinstance(error, Exception):
-                        raise  # cancelled (shutdown): the calls above were told
+                    if not isinstance(error, Exception):  # cancelled (shutdown): tell every waiting call too
+                        waiting, self._waiting = self._waiting, []
+                        for _, future in waiting:
+                            if not future.done():
+                                future.set_exception(error)
+                        raise
                     continue
                 for (_, future), result in zip(group, results, strict=True):
                     if not future.done():

@@ -224,7 +224,7 @@ BEGIN
     IF jsonb_array_length(plan->'expect_balances') > 0 AND EXISTS (
                SELECT 1
                  FROM jsonb_to_recordset(plan->'expect_balances')
-                      AS b(account text, ledger text, low bigint, high bigint),
+                      AS b(account text, ledger text, low numeric, high numeric),  -- a bound may exceed bigint
                       LATERAL (SELECT ledger_balance(b.account, b.ledger) AS now) n
                 WHERE n.now < b.low OR n.now > b.high) THEN
         RAISE EXCEPTION 'a balance this plan was decided on has changed' USING ERRCODE = 'LS001';
