@@ -290,7 +290,7 @@ def url_parts(url: str) -> dict[str, str]:
 class Service:
     """`ledger-service serve` as a child process."""
 
-    def __init__(self, database_url: str, admin_key: str, workers: int) -> None:
+    def __init__(self, database_url: str, admin_key: str, workers: int, coalesce_groups: int) -> None:
         import socket
 
         with socket.socket() as sock:
@@ -303,6 +303,7 @@ class Service:
             LEDGER_ADMIN_KEY=admin_key,
             LEDGER_TRUST_FACTOR="0",  # every hold really holds: the heavier, honest case
             LEDGER_WORKERS=str(workers),
+            LEDGER_COALESCE_GROUPS=str(coalesce_groups),
             LEDGER_LOG_FORMAT="json",
         )
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
@@ -427,6 +428,8 @@ class Options:
     duration: float = 10.0
     runs: int = 3
     workers: int = 1
+    coalesce_groups: int = 4
+    """LEDGER_COALESCE_GROUPS of the service under test."""
     read_postings: int = 1_000_000
     scenarios: tuple[str, ...] = ("single", "batch", "hot", "reads")
     profile: str | None = None
@@ -459,7 +462,7 @@ async def run_benchmark(options: Options, say: Callable[[str], None]) -> dict[st
         await asyncio.to_thread(pgbench_init, parts, pgbench_db)
 
         admin = secrets.token_urlsafe(24)
-        service = Service(url_for(base_url, ledger_db), admin, options.workers)
+        service = Service(url_for(base_url, ledger_db), admin, options.workers, options.coalesce_groups)
         results: dict[str, Any] = {"options": options.__dict__ | {"scenarios": list(options.scenarios)}}
         try:
             await service.ready(admin)
@@ -531,7 +534,7 @@ async def read_scenario(base_url: str, database: str, options: Options, say: Cal
     await load_read_accounts(url, 1000, options.read_postings)
     await refresh_and_check(url, full_reconciliation=False, seal=False)  # as the background snapshotter would
     admin = secrets.token_urlsafe(24)
-    service = Service(url, admin, 1)
+    service = Service(url, admin, 1, options.coalesce_groups)
     try:
         await service.ready(admin)
         # A little traffic after the snapshot, so that reads add a delta to it, as they do in production.

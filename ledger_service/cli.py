@@ -156,6 +156,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         duration=args.duration,
         runs=args.runs,
         workers=args.workers,
+        coalesce_groups=args.coalesce_groups,
         read_postings=args.read_postings,
         scenarios=tuple(args.scenarios.split(",")),
         profile=args.profile,
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--duration", type=float, default=10.0, help="seconds per scenario and per pgbench run")
     bench.add_argument("--runs", type=int, default=3, help="runs per scenario; medians are reported")
     bench.add_argument("--workers", type=int, default=1, help="service worker processes")
+    bench.add_argument(
+        "--coalesce-groups", type=int, default=4, help="LEDGER_COALESCE_GROUPS of the service (0: no coalescing)"
+    )
     bench.add_argument("--read-postings", type=int, default=1_000_000, help="postings of the large account")
     bench.add_argument("--scenarios", default="single,batch,hot,reads", help="comma-separated subset to run")
     bench.add_argument("--json", help="also write the figures to this JSON file")

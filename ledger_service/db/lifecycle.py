@@ -16,15 +16,11 @@ import asyncpg
 import msgspec
 
 from ledger_service.db.engine import asyncpg_dsn
+from ledger_service.db.pricing import prices_of
 from ledger_service.domain.accounts import Ledger
 from ledger_service.domain.lifecycle import RequestKind, RequestRow, RequestStatus
 from ledger_service.domain.planning import Operation, Plan, Snapshot, lock_targets, wanted
-from ledger_service.domain.pricing import (
-    DEFAULT_COMPLETION_RATIO,
-    DEFAULT_GROUP_RATIO,
-    DEFAULT_MODEL_RATIO,
-    Prices,
-)
+from ledger_service.domain.pricing import Prices
 
 if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
     Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
@@ -188,12 +184,9 @@ async def read(conn: Connection, operations: list[Operation], *, lock: bool) -> 
     @cache
     def prices(model: str, group: str) -> Prices:
         m = models.get(model)
-        return Prices(
-            model_ratio=DEFAULT_MODEL_RATIO if m is None else m.model_ratio,
-            completion_ratio=DEFAULT_COMPLETION_RATIO if m is None else m.completion_ratio,
-            group_ratio=groups.get(group, DEFAULT_GROUP_RATIO),
-            model_price=None if m is None else m.model_price,
-        )
+        if m is None:
+            return prices_of(None, None, None, groups.get(group))
+        return prices_of(m.model_ratio, m.completion_ratio, m.model_price, groups.get(group))
 
     return Snapshot(
         now=found.now,

@@ -53,10 +53,8 @@ def _row(m: Any) -> RequestRow:
     )
 
 
-async def get(conn: AsyncConnection, request_id: str, *, for_update: bool = False) -> RequestRow | None:
+async def get(conn: AsyncConnection, request_id: str) -> RequestRow | None:
     query = select(tables.requests, _READ_AT).where(tables.requests.c.request_id == request_id)
-    if for_update:
-        query = query.with_for_update()
     found = (await conn.execute(query)).mappings().first()
     return None if found is None else _row(found)
 

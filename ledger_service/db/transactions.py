@@ -58,6 +58,11 @@ def constraint_of(error: BaseException) -> str | None:
     return None
 
 
+def is_connection_sqlstate(state: object) -> bool:
+    """SQLSTATEs that mean the connection, not the statement, failed: class 08, shutdowns, too many connections."""
+    return isinstance(state, str) and (state.startswith("08") or state in {"57P01", "57P02", "57P03", "53300"})
+
+
 def is_connection_error(error: BaseException) -> bool:
     """True for failures of the connection itself rather than of the statement."""
     if isinstance(error, OSError | ConnectionError | PoolTimeoutError | InterfaceError):
@@ -66,7 +71,7 @@ def is_connection_error(error: BaseException) -> bool:
         if error.connection_invalidated:
             return True
         state = sqlstate_of(error)
-        if state is not None and (state.startswith("08") or state in {"57P01", "57P02", "57P03", "53300"}):
+        if is_connection_sqlstate(state):
             return True
         if state is None and isinstance(error, OperationalError | InterfaceError):
             return True

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import msgspec
+
 from ledger_service.domain import errors
 from ledger_service.domain.pricing import Prices
 from ledger_service.schemas import HoldView
@@ -176,6 +178,11 @@ def plan_refund(*, status: RequestStatus, due: bool, refunded_with: bytes | None
     if status is RequestStatus.EXPIRED:
         return RefundMode.UNCHANGED
     return RefundMode.EXPIRE if due else RefundMode.REFUND
+
+
+def body_of(command: msgspec.Struct) -> dict[str, Any]:
+    """A decoded request body as plain data, the form `fingerprint` and entry details take."""
+    return msgspec.to_builtins(command)  # type: ignore[no-any-return]
 
 
 def fingerprint(operation: str, body: Mapping[str, Any]) -> bytes:

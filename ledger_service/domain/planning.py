@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-import msgspec
-
 from ledger_service.domain import accounts, errors
 from ledger_service.domain.accounts import Ledger
 from ledger_service.domain.entries import (
@@ -37,6 +35,7 @@ from ledger_service.domain.lifecycle import (
     RequestStatus,
     SettleMode,
     TokenState,
+    body_of,
     check_token,
     decide_hold,
     fingerprint,
@@ -68,6 +67,7 @@ class Snapshot:
     tokens: Mapping[int, tuple[int, bool]]
     """token_id -> (user_id, unlimited)."""
     balances: Mapping[tuple[str, Ledger], int]
+    """The users' quota and the limited tokens' allowances (an unlimited token's allowance is not read)."""
     prices: Callable[[str, str], Prices]
     """(model, group) -> the prices a request is priced with (defaults for unknown models and groups)."""
 
@@ -121,10 +121,6 @@ class Plan:
     @property
     def writes(self) -> bool:
         return bool(self.entries or self.requests)
-
-
-def _body(command: msgspec.Struct) -> dict[str, Any]:
-    return msgspec.to_builtins(command)  # type: ignore[no-any-return]
 
 
 def _priced(compute: Callable[..., int], **kwargs: int) -> int:
@@ -278,13 +274,52 @@ class Planner:
         self.plan.requests[row.request_id] = moved
         return moved
 
+    def _create(
+        self,
+        command: HoldCommand | ConsumptionCommand,
+        kind: RequestKind,
+        token: TokenState,
+        prices: Prices,
+        digest: bytes,
+        *,
+        expires_in: int | None,
+        channel_id: int | None = None,
+        charged: int | None = None,
+        **fields: Any,
+    ) -> RequestRow:
+        """Record a request this plan creates (a hold, or a consumption created settled), with its other `fields`."""
+        row = RequestRow(
+            request_id=command.request_id,
+            kind=kind,
+            user_id=command.user_id,
+            token_id=command.token_id,
+            token_limited=token.limited,
+            group=command.group,
+            model=command.model,
+            prompt_tokens=command.prompt_tokens,
+            prices=prices,
+            request_fingerprint=digest,
+            created_at=self.snapshot.now,  # until the database gives the real times (services/lifecycle.py)
+            expires_at=None,
+            read_at=self.snapshot.now,
+            channel_id=channel_id,
+            charged=charged,
+            late=False,
+            settle_fingerprint=None,
+            refund_fingerprint=None,
+            **fields,
+        )
+        self.plan.new_requests[command.request_id] = expires_in
+        self.plan.requests[command.request_id] = row
+        return row
+
     def _due(self, row: RequestRow) -> bool:
         return row.request_id not in self.plan.new_requests and row.due
 
     # The operations ------------------------------------------------------------------------------------------
 
     def _hold(self, command: HoldCommand) -> Planned:
-        digest = fingerprint("hold", _body(command))
+        digest = fingerprint("hold", body_of(command))
         existing = self._request(command.request_id)
         if existing is not None:
             return _replay(existing, RequestKind.HOLD, digest)
@@ -308,32 +343,18 @@ class Planner:
         self._hold_premises(command, token, available, estimate, decision.trusted)
         self.plan.lock_users.add(command.user_id)
         self.plan.expect_tokens[command.token_id] = token.unlimited
-        row = RequestRow(
-            request_id=command.request_id,
-            kind=RequestKind.HOLD,
+        row = self._create(
+            command,
+            RequestKind.HOLD,
+            token,
+            prices,
+            digest,
+            expires_in=command.expires_in or self.hold_ttl,
             status=RequestStatus.OPEN,
-            user_id=command.user_id,
-            token_id=command.token_id,
-            token_limited=token.limited,
-            group=command.group,
-            model=command.model,
-            prompt_tokens=command.prompt_tokens,
             max_tokens=command.max_tokens,
             amount=decision.amount,
             trusted=decision.trusted,
-            prices=prices,
-            channel_id=None,
-            charged=None,
-            late=False,
-            request_fingerprint=digest,
-            settle_fingerprint=None,
-            refund_fingerprint=None,
-            created_at=self.snapshot.now,
-            expires_at=None,
-            read_at=self.snapshot.now,
         )
-        self.plan.new_requests[command.request_id] = command.expires_in or self.hold_ttl
-        self.plan.requests[command.request_id] = row
         self.plan.events.append(("holds_opened", "true" if decision.trusted else "false"))
         if decision.amount:
             details = {
@@ -373,7 +394,7 @@ class Planner:
         return row
 
     def _settle(self, request_id: str, command: SettleCommand) -> Planned:
-        digest = fingerprint("settle", _body(command))
+        digest = fingerprint("settle", body_of(command))
         row = self._existing_hold(request_id)
         mode = plan_settle(
             status=row.status, due=self._due(row), settled_with=row.settle_fingerprint, fingerprint=digest
@@ -441,7 +462,7 @@ class Planner:
         return Planned(settled, created=False)
 
     def _refund(self, request_id: str, command: RefundCommand) -> Planned:
-        digest = fingerprint("refund", _body(command))
+        digest = fingerprint("refund", body_of(command))
         row = self._existing_hold(request_id)
         mode = plan_refund(
             status=row.status, due=self._due(row), refunded_with=row.refund_fingerprint, fingerprint=digest
@@ -465,7 +486,7 @@ class Planner:
         self._post(release_draft(row, kind, details))
 
     def _consume(self, command: ConsumptionCommand) -> Planned:
-        digest = fingerprint("consumption", _body(command))
+        digest = fingerprint("consumption", body_of(command))
         existing = self._request(command.request_id)
         if existing is not None:
             return _replay(existing, RequestKind.CONSUMPTION, digest)
@@ -477,34 +498,22 @@ class Planner:
         # The token's kind decides the postings: check it under the user's lock, which token changes take too.
         self.plan.lock_users.add(command.user_id)
         self.plan.expect_tokens[command.token_id] = token.unlimited
-        row = RequestRow(
-            request_id=command.request_id,
-            kind=RequestKind.CONSUMPTION,
+        row = self._create(
+            command,
+            RequestKind.CONSUMPTION,
+            token,
+            prices,
+            digest,
+            expires_in=None,
             status=RequestStatus.SETTLED,
-            user_id=command.user_id,
-            token_id=command.token_id,
-            token_limited=token.limited,
-            group=command.group,
-            model=command.model,
-            prompt_tokens=command.prompt_tokens,
             max_tokens=0,
             amount=0,
             trusted=False,
-            prices=prices,
             channel_id=command.channel_id,
             charged=charge,
-            late=False,
-            request_fingerprint=digest,
-            settle_fingerprint=None,
-            refund_fingerprint=None,
-            created_at=self.snapshot.now,
-            expires_at=None,
-            read_at=self.snapshot.now,
             settled_prompt_tokens=command.prompt_tokens,
             completion_tokens=command.completion_tokens,
         )
-        self.plan.new_requests[command.request_id] = None
-        self.plan.requests[command.request_id] = row
         self._post(
             EntryDraft(
                 kind=EntryKind.CONSUME,

@@ -39,7 +39,7 @@ from ledger_service.domain.entries import (
     funding_postings,
     reversal_postings,
 )
-from ledger_service.domain.lifecycle import RequestRow, RequestStatus, TokenState, fingerprint
+from ledger_service.domain.lifecycle import RequestRow, RequestStatus, TokenState, body_of, fingerprint
 from ledger_service.domain.planning import Operation, release_draft
 from ledger_service.domain.pricing import MAX_AMOUNT, Prices
 from ledger_service.schemas import (
@@ -79,10 +79,6 @@ class Outcome(Generic[T]):
     replayed: bool = False
 
 
-def _body(command: msgspec.Struct) -> dict[str, Any]:
-    return msgspec.to_builtins(command)  # type: ignore[no-any-return]
-
-
 class LedgerService:
     def __init__(self, engine: AsyncEngine, settings: Settings, lifecycle: LifecycleService | None = None) -> None:
         self.engine = engine
@@ -112,7 +108,7 @@ class LedgerService:
         return await self._fund(EntryKind.ADJUSTMENT, command)
 
     async def _fund(self, kind: EntryKind, command: TopupCommand | AdjustmentCommand) -> Outcome[FundingView]:
-        digest = fingerprint(str(kind), _body(command))
+        digest = fingerprint(str(kind), body_of(command))
 
         async def work(conn: AsyncConnection) -> Outcome[FundingView]:
             existing = await journal.entry_by_reference(conn, command.reference)
@@ -199,7 +195,7 @@ class LedgerService:
 
     async def reverse(self, entry_id: int, command: ReverseCommand) -> Outcome[EntryView]:
         """Post the exact opposite of an entry (at most once, idempotent by reference)."""
-        digest = fingerprint("reversal", {"entry_id": entry_id, **_body(command)})
+        digest = fingerprint("reversal", {"entry_id": entry_id, **body_of(command)})
 
         async def work(conn: AsyncConnection) -> Outcome[EntryView]:
             existing = await journal.entry_by_reference(conn, command.reference)

@@ -28,6 +28,7 @@ from ledger_service.db.transactions import (
     UNIQUE_VIOLATION,
     DatabaseBusy,
     DatabaseUnavailable,
+    is_connection_sqlstate,
 )
 from ledger_service.domain.planning import Operation, Plan, Planned, Planner, Result
 from ledger_service.services.ledger import IDEMPOTENCY_CONSTRAINTS
@@ -56,10 +57,7 @@ _CONNECTION_FAILURES = (OSError, ConnectionError, TimeoutError, asyncpg.Interfac
 
 
 def _connection_lost(error: BaseException) -> bool:
-    if isinstance(error, _CONNECTION_FAILURES):
-        return True
-    state = getattr(error, "sqlstate", None)
-    return isinstance(state, str) and (state.startswith("08") or state in {"57P01", "57P02", "57P03", "53300"})
+    return isinstance(error, _CONNECTION_FAILURES) or is_connection_sqlstate(getattr(error, "sqlstate", None))
 
 
 POOL_WAIT_SECONDS = 10

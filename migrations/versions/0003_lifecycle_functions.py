@@ -117,7 +117,11 @@ BEGIN
         'balances', coalesce((
             SELECT jsonb_agg(jsonb_build_object('account', a->>0, 'ledger', a->>1,
                                                 'balance', ledger_balance(a->>0, a->>1)))
-              FROM jsonb_array_elements(want->'accounts') a), '[]'),
+              FROM jsonb_array_elements(want->'accounts') a
+             WHERE a->>0 NOT IN (  -- an unlimited token's allowance decides nothing: not read
+                   SELECT 'token:' || t.token_id FROM tokens t
+                    WHERE t.unlimited
+                      AND t.token_id = ANY (ARRAY(SELECT jsonb_array_elements_text(want->'token_ids')::bigint)))), '[]'),
         'models', coalesce((
             SELECT jsonb_agg(jsonb_build_object('model', m.model, 'model_ratio', m.model_ratio::text,
                                                 'completion_ratio', m.completion_ratio::text,
