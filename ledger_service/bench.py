@@ -18,6 +18,7 @@ The machine is noisy: quote the ratios, not the absolute figures.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -97,6 +98,36 @@ class Measurement:
     p50_ms: float
     p99_ms: float
     errors: int
+    cpu_ms_per_op: dict[str, float] = field(default_factory=dict)
+    """CPU milliseconds per operation, by party: the service, PostgreSQL, the load generator (this process)."""
+
+
+def cpu_seconds(service_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by the service's process tree, PostgreSQL's processes and this process (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # the process ended while we looked
+        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        pid = int(entry.name)
+        parents[pid], used[pid], names[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, name
+    totals = {"service": 0.0, "postgres": 0.0, "load": used.get(os.getpid(), 0.0)}
+    for pid, seconds in used.items():
+        ancestor = pid
+        while ancestor > 1 and ancestor != service_pid:
+            ancestor = parents.get(ancestor, 1)
+        if ancestor == service_pid:
+            totals["service"] += seconds
+        elif names[pid].startswith("postgres"):
+            totals["postgres"] += seconds
+    return totals
 
 
 def measure(tally: Tally, seconds: float) -> Measurement:
@@ -433,7 +464,7 @@ class Options:
     read_postings: int = 1_000_000
     scenarios: tuple[str, ...] = ("single", "batch", "hot", "reads")
     profile: str | None = None
-    """Write py-spy's raw stacks of the service, sampled during the first single-call run, to this file."""
+    """Write py-spy's raw stacks of the service, sampled during the first run of the first scenario, to this file."""
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -483,16 +514,22 @@ async def run_benchmark(options: Options, say: Callable[[str], None]) -> dict[st
                     await _sql(url_for(base_url, ledger_db), "VACUUM (ANALYZE)")
                     await _sql(base_url, "CHECKPOINT")
                     driving = drive("127.0.0.1", service.port, admin, chosen, f"r{run}-{name}", batched=name == "batch")
-                    if options.profile and name == "single" and run == 0:
+                    before = cpu_seconds(service.process.pid)
+                    if options.profile and name == options.scenarios[0] and run == 0:
                         sampled = sample_service(service.process.pid, options.duration - 1, options.profile)
                         measured, results["profile"] = await asyncio.gather(driving, sampled)
                         say(f"service CPU by library (py-spy): {results['profile']}")
                     else:
                         measured = await driving
+                    after = cpu_seconds(service.process.pid)
+                    operations = max(1.0, measured.ops_per_second * options.duration)
+                    cpu = {party: (after[party] - before[party]) * 1000 / operations for party in after}
+                    measured = dataclasses.replace(measured, cpu_ms_per_op=cpu)
                     runs[name].append(measured)
                     say(
                         f"run {run + 1}/{options.runs} {name}: {measured.ops_per_second:.0f} ops/s,"
-                        f" p50 {measured.p50_ms:.1f} ms, p99 {measured.p99_ms:.1f} ms, errors {measured.errors}"
+                        f" p50 {measured.p50_ms:.1f} ms, p99 {measured.p99_ms:.1f} ms, errors {measured.errors};"
+                        " CPU ms per op: " + ", ".join(f"{party} {ms:.2f}" for party, ms in cpu.items())
                     )
                 await _sql(base_url, "CHECKPOINT")
                 tps.append(await asyncio.to_thread(pgbench, parts, pgbench_db, options.duration))
@@ -511,6 +548,10 @@ async def run_benchmark(options: Options, say: Callable[[str], None]) -> dict[st
                 "p99_ms": summarize([m.p99_ms for m in measurements]),
                 "ratio_to_pgbench": summarize(ratios),
                 "errors": sum(m.errors for m in measurements),
+                "cpu_ms_per_op": {
+                    party: summarize([m.cpu_ms_per_op[party] for m in measurements])
+                    for party in measurements[0].cpu_ms_per_op
+                },
             }
         if runs["hot"] and runs["single"]:
             results["hot_vs_spread"] = summarize(
@@ -574,6 +615,10 @@ def render(results: dict[str, Any]) -> str:
                 f" {row['p50_ms']['median']:>8.1f} {row['p99_ms']['median']:>8.1f}"
                 f" {row['ratio_to_pgbench']['median']:>10.2f}"
             )
+    for name in ("single", "batch", "hot"):
+        if name in results:
+            cpu = results[name]["cpu_ms_per_op"]
+            lines.append(f"{name} CPU ms per op: " + ", ".join(f"{p} {v['median']:.2f}" for p, v in cpu.items()))
     if "hot_vs_spread" in results:
         lines.append(f"\nhot channel / 100 channels: {results['hot_vs_spread']['median']:.2f}")
     if "reads" in results:

@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--scenarios", default="single,batch,hot,reads", help="comma-separated subset to run")
     bench.add_argument("--json", help="also write the figures to this JSON file")
     bench.add_argument(
-        "--profile", help="sample the service with py-spy during the first single-call run; raw stacks to this file"
+        "--profile",
+        help="sample the service with py-spy during the first run of the first scenario; raw stacks to this file",
     )
     bench.set_defaults(handler=cmd_bench)
     return parser

@@ -10,12 +10,16 @@ import asyncio
 from collections import Counter
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
 from ledger_service.db import lifecycle as lifecycle_db
-from ledger_service.domain.planning import Operation, Plan, Planner, Result
+from ledger_service.domain.accounts import Ledger as LedgerName
+from ledger_service.domain.planning import Operation, Plan, Planner, Result, Snapshot
 from ledger_service.schemas import HoldCommand
+from ledger_service.services.housekeeping import refresh_snapshots
+from ledger_service.services.ledger import LedgerService
 from ledger_service.services.lifecycle import LifecycleService
 from tests.support import Ledger
 
@@ -61,8 +65,8 @@ async def test_without_the_plans_premises_and_locks_the_same_load_oversells(
     the 50 holds, each planned from a balance read before the others committed, oversell the quota."""
     unguarded = lifecycle_db._plan_document
 
-    def without_guards(plan: Plan, *, with_premises: bool) -> dict[str, Any]:
-        return unguarded(plan, with_premises=False) | {"lock_users": []}
+    def without_guards(plan: Plan, snapshot: Snapshot, *, with_premises: bool) -> dict[str, Any]:
+        return unguarded(plan, snapshot, with_premises=False) | {"lock_users": []}
 
     async def one_at_a_time(self: LifecycleService, operation: Operation) -> Result:
         [result] = await self.run([operation])  # no coalescing: each hold plans from its own read
@@ -167,7 +171,7 @@ async def test_holds_stay_serialized_when_the_database_defaults_to_repeatable_re
     assert (await ledger.user(1))["available"] == 0
 
 
-async def _plan_hold(ledger: Ledger, request_id: str, trust_factor: int = 0) -> Plan:
+async def _plan_hold(ledger: Ledger, request_id: str, trust_factor: int = 0) -> tuple[Plan, Snapshot]:
     """A hold of ESTIMATE for user 1, planned from what the database says now (not yet applied)."""
     command = HoldCommand(
         request_id=request_id, user_id=1, token_id=1, model="gpt-4o", prompt_tokens=100, max_tokens=200
@@ -175,7 +179,7 @@ async def _plan_hold(ledger: Ledger, request_id: str, trust_factor: int = 0) -> 
     operations = [Operation("hold", request_id, command)]
     snapshot = await lifecycle_db.read(ledger.conn, operations, lock=False)
     planner = Planner(snapshot, pre_consumed_quota=500, trust_factor=trust_factor, hold_ttl=600)
-    return planner.plan_all(operations, atomic=False)
+    return planner.plan_all(operations, atomic=False), snapshot
 
 
 @pytest.mark.parametrize("with_premises", [True, False])
@@ -185,8 +189,8 @@ async def test_a_plan_whose_balance_changed_is_stale_and_writes_nothing(ledger: 
     await ledger.fund(1, ESTIMATE + ESTIMATE // 2)
     await ledger.token(1, 1)
     first, second = await _plan_hold(ledger, "first"), await _plan_hold(ledger, "second")
-    assert await lifecycle_db.apply(ledger.conn, first, with_premises=with_premises) is not None
-    applied = await lifecycle_db.apply(ledger.conn, second, with_premises=with_premises)
+    assert await lifecycle_db.apply(ledger.conn, *first, with_premises=with_premises) is not None
+    applied = await lifecycle_db.apply(ledger.conn, *second, with_premises=with_premises)
     if with_premises:
         assert applied is None
         assert await ledger.count("SELECT count(*) FROM requests") == 1
@@ -205,16 +209,60 @@ async def test_a_trusted_hold_whose_user_no_longer_qualifies_is_stale(ledger: Le
     gets an unbacked trusted hold."""
     await ledger.fund(1, 100 * ESTIMATE + 1)
     await ledger.token(1, 1)
-    trusted = await _plan_hold(ledger, "trusted", trust_factor=100)
+    trusted, read = await _plan_hold(ledger, "trusted", trust_factor=100)
     assert trusted.results[0].row.trusted  # type: ignore[union-attr]
     consumption = {"request_id": "drain", "user_id": 1, "token_id": 1, "channel_id": 1, "model": "gpt-4o",
                    "prompt_tokens": 0, "completion_tokens": 0, "quota": 10}  # fmt: skip
     assert (await ledger.post("/v1/consumptions", consumption)).status_code == 201
-    applied = await lifecycle_db.apply(ledger.conn, trusted, with_premises=with_premises)
+    applied = await lifecycle_db.apply(ledger.conn, trusted, read, with_premises=with_premises)
     assert (applied is None) is with_premises
     assert await ledger.count("SELECT count(*) FROM requests WHERE request_id = 'trusted'") == (
         0 if with_premises else 1
     )
+
+
+DRAIN = (
+    "WITH entry AS (INSERT INTO entries (kind, user_id, hash)"
+    " VALUES ('adjustment', 1, decode(repeat('ab', 32), 'hex')) RETURNING id)"
+    " INSERT INTO postings (entry_id, ledger, account, amount) SELECT id, 'quota', account, amount"
+    " FROM entry, (VALUES ('user:1', -$1::bigint), ('system:issuance', $1)) v(account, amount)"
+)
+
+
+@pytest.mark.parametrize("with_premises", [True, False])
+async def test_a_drain_in_flight_during_the_read_makes_the_plan_stale(
+    ledger: Ledger, raw: asyncpg.Connection[Any], with_premises: bool
+) -> None:
+    """A transaction that has posted but not committed when the plan reads its balance, and commits before the plan
+    is applied: the read could not see its postings, and the premise check must count them (its transaction was
+    in progress at the read, so it is older than the read's snapshot). Control: without premises, an overdraft."""
+    await ledger.fund(1, ESTIMATE + ESTIMATE // 2)
+    await ledger.token(1, 1)
+    async with raw.transaction():
+        await raw.execute(DRAIN, ESTIMATE)  # in flight while the plan is made
+        hold, read = await _plan_hold(ledger, "after-drain")
+        assert read.balances[("user:1", LedgerName.QUOTA)] == ESTIMATE + ESTIMATE // 2
+    applied = await lifecycle_db.apply(ledger.conn, hold, read, with_premises=with_premises)
+    assert (applied is None) is with_premises
+    assert (await ledger.user(1))["available"] == (ESTIMATE // 2 if with_premises else -ESTIMATE // 2)
+    await ledger.assert_books_balance()
+
+
+async def test_a_plan_read_before_a_snapshot_refresh_still_sees_what_changed(
+    ledger: Ledger, service: LedgerService
+) -> None:
+    """A snapshot refresh between a plan's read and its apply moves the horizon past the read: the check then reads
+    the balance in full (the other path), and a drain committed in between still makes the plan stale."""
+    await ledger.fund(1, ESTIMATE + ESTIMATE // 2)
+    await ledger.token(1, 1)
+    hold, read = await _plan_hold(ledger, "across-refresh")
+    await ledger.conn.execute(DRAIN, ESTIMATE)
+    assert await refresh_snapshots(service.engine) is not None
+    assert await lifecycle_db.apply(ledger.conn, hold, read, with_premises=True) is None
+    assert await ledger.count("SELECT count(*) FROM requests") == 0
+    hold, read = await _plan_hold(ledger, "after-refresh")  # planned again, it is refused: nothing to apply
+    assert not hold.writes
+    await ledger.assert_books_balance()
 
 
 async def test_a_trust_threshold_beyond_bigint_is_still_a_premise(ledger: Ledger) -> None:
@@ -229,5 +277,5 @@ async def test_a_trust_threshold_beyond_bigint_is_still_a_premise(ledger: Ledger
         operations, atomic=False
     )
     assert plan.balance_bounds  # the untrusted decision rests on 'at most 10^21'
-    assert await lifecycle_db.apply(ledger.conn, plan, with_premises=True) is not None
+    assert await lifecycle_db.apply(ledger.conn, plan, snapshot, with_premises=True) is not None
     assert (await ledger.user(1))["available"] == 0

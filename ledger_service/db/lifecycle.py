@@ -106,6 +106,7 @@ class _Group(msgspec.Struct):
 
 class _Snapshot(msgspec.Struct):
     now: datetime
+    seen_at: str
     requests: list[_Request]
     tokens: list[_Token]
     balances: list[_Balance]
@@ -194,6 +195,7 @@ async def read(conn: Connection, operations: list[Operation], *, lock: bool) -> 
         tokens={t.token_id: (t.user_id, t.unlimited) for t in found.tokens},
         balances={(b.account, Ledger(b.ledger)): b.balance for b in found.balances},
         prices=prices,
+        seen_at=found.seen_at,
     )
 
 
@@ -201,7 +203,7 @@ def _hex(value: bytes | None) -> str | None:
     return None if value is None else value.hex()
 
 
-def _plan_document(plan: Plan, *, with_premises: bool) -> dict[str, Any]:
+def _plan_document(plan: Plan, snapshot: Snapshot, *, with_premises: bool) -> dict[str, Any]:
     new_requests = []
     updated_requests = []
     for request_id, row in plan.requests.items():
@@ -263,6 +265,7 @@ def _plan_document(plan: Plan, *, with_premises: bool) -> dict[str, Any]:
     ]
     return {
         "lock_users": sorted(plan.lock_users),
+        "seen_at": snapshot.seen_at,
         "expect_requests": [
             {"request_id": request_id, "status": str(status)} for request_id, status in plan.expect_requests.items()
         ],
@@ -271,6 +274,7 @@ def _plan_document(plan: Plan, *, with_premises: bool) -> dict[str, Any]:
             {
                 "account": account,
                 "ledger": str(ledger),
+                "seen": snapshot.balances[(account, ledger)],
                 "low": None if bounds.low is None else bounds.low + changes.get((account, ledger), 0),
                 "high": None if bounds.high is None else bounds.high + changes.get((account, ledger), 0),
             }
@@ -290,14 +294,15 @@ def _plan_document(plan: Plan, *, with_premises: bool) -> dict[str, Any]:
 
 
 async def apply(
-    conn: Connection, plan: Plan, *, with_premises: bool
+    conn: Connection, plan: Plan, snapshot: Snapshot, *, with_premises: bool
 ) -> dict[str, tuple[datetime, datetime | None]] | None:
     """Apply a plan in one statement. None if a premise no longer held (nothing was written).
 
-    Without premises (the caller locked everything the plan read, in its transaction) only the statuses of the
-    requests it moves are checked. Returns the creation and expiry times of the requests it created.
+    `snapshot` is what the plan was made from. Without premises (the caller locked everything the plan read, in
+    its transaction) only the statuses of the requests it moves are checked. Returns the creation and expiry times
+    of the requests it created.
     """
-    document = _encoder.encode(_plan_document(plan, with_premises=with_premises)).decode()
+    document = _encoder.encode(_plan_document(plan, snapshot, with_premises=with_premises)).decode()
     try:
         answer = await conn.fetchval("SELECT ledger_lifecycle_apply($1::jsonb)", document)
     except asyncpg.PostgresError as error:

@@ -70,6 +70,9 @@ class Snapshot:
     """The users' quota and the limited tokens' allowances (an unlimited token's allowance is not read)."""
     prices: Callable[[str, str], Prices]
     """(model, group) -> the prices a request is priced with (defaults for unknown models and groups)."""
+    seen_at: str = ""
+    """Where in the database's history the balances were read (opaque here): the apply checks a balance premise
+    as the balance read plus what was posted since."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -171,7 +171,7 @@ class LifecycleService:
         ).plan_all(operations, atomic=atomic)
         if not plan.writes:
             return plan
-        created = await lifecycle_db.apply(conn, plan, with_premises=not locked)
+        created = await lifecycle_db.apply(conn, plan, snapshot, with_premises=not locked)
         if created is None:
             raise _Stale
         plan.results = [_with_times(result, created) for result in plan.results]
