@@ -265,6 +265,35 @@ async def test_a_plan_read_before_a_snapshot_refresh_still_sees_what_changed(
     await ledger.assert_books_balance()
 
 
+async def test_a_balance_read_again_is_the_one_seen_plus_what_its_snapshot_could_not_see(
+    ledger: Ledger, raw: asyncpg.Connection[Any]
+) -> None:
+    """A balance this process read before is brought up to date from the snapshot it was read in: a drain
+    committed since counts, one still in flight does not until it commits, and each answer equals a full read."""
+    await ledger.fund(1, 10 * ESTIMATE)
+    await ledger.token(1, 1)
+    operations = [
+        Operation(
+            "hold", "probe", HoldCommand(request_id="probe", user_id=1, token_id=1, model="gpt-4o", prompt_tokens=1)
+        )
+    ]
+    seen = lifecycle_db.SeenBalances()
+    key = ("user:1", LedgerName.QUOTA)
+
+    async def both() -> tuple[int, int]:
+        assert len(seen.annotate([["user:1", "quota"]])[0]) == 4  # the read is given what was seen
+        again = await lifecycle_db.read(ledger.conn, operations, lock=False, seen=seen)
+        full = await lifecycle_db.read(ledger.conn, operations, lock=False)
+        return again.balances[key], full.balances[key]
+
+    assert (await lifecycle_db.read(ledger.conn, operations, lock=False, seen=seen)).balances[key] == 10 * ESTIMATE
+    async with raw.transaction():
+        await raw.execute(DRAIN, ESTIMATE)  # in flight across the next read
+        await ledger.conn.execute(DRAIN, 2 * ESTIMATE)
+        assert await both() == (8 * ESTIMATE, 8 * ESTIMATE)
+    assert await both() == (7 * ESTIMATE, 7 * ESTIMATE)  # the one in flight then, committed now
+
+
 async def test_a_trust_threshold_beyond_bigint_is_still_a_premise(ledger: Ledger) -> None:
     """With the largest trust factor, a hold of 10^15 has a threshold of 10^21, beyond any stored amount; its premise
     ('at most the threshold') must still be checked rather than fail the whole plan (bounds are numeric)."""

@@ -7,6 +7,7 @@ its arguments and answer as one JSON document each (msgspec encodes and decodes 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from datetime import datetime
 from decimal import Decimal
 from functools import cache
@@ -169,16 +170,60 @@ def _row(r: _Request, now: datetime) -> RequestRow:
     )
 
 
-async def read(conn: Connection, operations: list[Operation], *, lock: bool) -> Snapshot:
+class SeenBalances:
+    """The balances this process read last, each with the database snapshot it was read in (at most `capacity`,
+    the least recently read forgotten first).
+
+    A balance read again is then the one seen plus the postings that snapshot could not see
+    (`ledger_balance_after`), instead of a scan of every posting since the last snapshot refresh. That is exact
+    whatever else wrote in between, in this process or another: postings are only ever added. Forget everything
+    when the connection to the database is lost: a restored or failed-over database may not have what was seen.
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._seen: OrderedDict[tuple[str, str], tuple[int, str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def annotate(self, accounts: list[list[Any]]) -> list[list[Any]]:
+        """The read's `accounts` argument, each [account, ledger] extended with [balance, snapshot] if seen."""
+        annotated = []
+        for pair in accounts:
+            seen = self._seen.get((pair[0], pair[1]))
+            annotated.append(pair if seen is None else [pair[0], pair[1], seen[0], seen[1]])
+        return annotated
+
+    def remember(self, balances: list[_Balance], seen_at: str) -> None:
+        for balance in balances:
+            key = (balance.account, balance.ledger)
+            self._seen[key] = (balance.balance, seen_at)
+            self._seen.move_to_end(key)
+        while len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+    def forget(self) -> None:
+        self._seen.clear()
+
+
+async def read(
+    conn: Connection, operations: list[Operation], *, lock: bool, seen: SeenBalances | None = None
+) -> Snapshot:
     """One statement: everything the operations decide on. With `lock`, inside the caller's transaction, their
-    users and requests are locked first, so nothing read can change before the plan is applied."""
+    users and requests are locked first, so nothing read can change before the plan is applied. With `seen`,
+    balances read before are brought up to date rather than read again, and the balances read are remembered."""
     want: dict[str, Any] = wanted(operations)
     if lock:
         users, moved = lock_targets(operations)
         want.update(lock=True, lock_users=users, lock_requests=moved)
+    if seen is not None:
+        want["accounts"] = seen.annotate(want["accounts"])
     found = _snapshot_decoder.decode(
         await conn.fetchval("SELECT ledger_lifecycle_read($1::jsonb)", _encoder.encode(want).decode())
     )
+    if seen is not None:
+        seen.remember(found.balances, found.seen_at)
     models = {m.model: m for m in found.models}
     groups = {g.group_name: g.group_ratio for g in found.groups}
 

@@ -74,6 +74,7 @@ class LifecycleService:
         self._waiting: list[tuple[Operation, asyncio.Future[Result]]] = []
         self._groups_in_flight = 0
         self._group_tasks: set[asyncio.Task[None]] = set()
+        self.seen = lifecycle_db.SeenBalances()
 
     async def run_one(self, operation: Operation) -> Result:
         """One single call. With coalescing on, it joins the calls waiting while the process already has
@@ -131,6 +132,7 @@ class LifecycleService:
                     except BaseException as error:
                         if _connection_lost(error):
                             conn.terminate()  # never hand a broken connection to the next caller
+                            self.seen.forget()  # the database may come back restored or failed over
                         raise
                 for name, label in plan.events:
                     _COUNTERS[name](label)
@@ -153,6 +155,7 @@ class LifecycleService:
                     raise DatabaseUnavailable(str(error)) from error
                 raise
             except _CONNECTION_FAILURES as error:
+                self.seen.forget()
                 # A pooled connection that died while idle (the database restarted): one more try on a fresh
                 # one. Safe even if the lost statement had committed: every lifecycle operation is idempotent.
                 if attempt == 1:
@@ -161,7 +164,7 @@ class LifecycleService:
         raise DatabaseBusy(f"gave up after {MAX_ATTEMPTS} attempts")
 
     async def _attempt(self, conn: Connection, operations: list[Operation], *, atomic: bool, locked: bool) -> Plan:
-        snapshot = await lifecycle_db.read(conn, operations, lock=locked)
+        snapshot = await lifecycle_db.read(conn, operations, lock=locked, seen=self.seen)
         settings = self.settings
         plan = Planner(
             snapshot,

@@ -4,9 +4,10 @@ Revision ID: 0004
 Revises: 0003
 Create Date: 2026-11-27
 
-`ledger_lifecycle_read` now also returns the snapshot its balances were read in, and `ledger_lifecycle_apply`
-checks a balance premise as the balance read plus the postings that snapshot could not see, instead of reading the
-balance again from its materialized snapshot (a scan of every posting since the last refresh). The postings
+`ledger_lifecycle_read` now also returns the snapshot its balances were read in, and takes balances the service read
+before with the snapshot they were read in. `ledger_balance_after` brings such a balance up to date with the postings
+that snapshot could not see, instead of reading it again from its materialized snapshot (a scan of every posting
+since the last refresh, with a heap visit each). `ledger_lifecycle_apply` checks balance premises the same way. The postings
 trigger checks that the entries it names exist with one index probe per entry, where the planner used to hash
 the whole entries table. See docs/performance.md.
 """
@@ -51,6 +52,22 @@ BEGIN
 END
 $$;
 
+-- A balance from one read before: the balance `seen` in snapshot `seen_at`, plus the postings of the transactions
+-- that snapshot could not see (committed since, or in progress then). Postings are never changed or removed, so
+-- nothing else can have moved it. When `seen_at` is older than the latest snapshot refresh, the balance is read in
+-- full instead (ledger_balance), which is then the shorter scan.
+CREATE FUNCTION ledger_balance_after(account text, ledger text, seen bigint, seen_at pg_snapshot)
+    RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT CASE
+        WHEN pg_snapshot_xmin(seen_at) < (SELECT coalesce(max(horizon), '0'::xid8) FROM snapshot_runs)
+            THEN ledger_balance(account, ledger)
+        ELSE seen + coalesce((
+            SELECT sum(p.amount) FROM postings p
+             WHERE p.account = ledger_balance_after.account AND p.ledger = ledger_balance_after.ledger
+               AND p.txid >= pg_snapshot_xmin(seen_at) AND NOT pg_visible_in_snapshot(p.txid, seen_at)), 0)::bigint
+    END
+$$;
+
 CREATE OR REPLACE FUNCTION ledger_lifecycle_read(want jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     found jsonb;
@@ -82,7 +99,10 @@ BEGIN
              WHERE t.token_id = ANY (ARRAY(SELECT jsonb_array_elements_text(want->'token_ids')::bigint))), '[]'),
         'balances', coalesce((
             SELECT jsonb_agg(jsonb_build_object('account', a->>0, 'ledger', a->>1,
-                                                'balance', ledger_balance(a->>0, a->>1)))
+                                                'balance', CASE WHEN a->>2 IS NULL THEN ledger_balance(a->>0, a->>1)
+                                                                ELSE ledger_balance_after(a->>0, a->>1, (a->>2)::bigint,
+                                                                                          (a->>3)::pg_snapshot)
+                                                           END))
               FROM jsonb_array_elements(want->'accounts') a
              WHERE a->>0 NOT IN (  -- an unlimited token's allowance decides nothing: not read
                    SELECT 'token:' || t.token_id FROM tokens t
@@ -108,8 +128,6 @@ DECLARE
     expected_requests integer := jsonb_array_length(plan->'expect_requests');
     matching integer;
     created jsonb;
-    seen_at pg_snapshot;
-    since xid8;
 BEGIN
     IF expected_requests > 0 THEN
         PERFORM ledger_lock_plan('{}',
@@ -187,30 +205,14 @@ BEGIN
     IF jsonb_array_length(plan->'lock_users') > 0 THEN
         PERFORM ledger_lock_plan(ARRAY(SELECT jsonb_array_elements_text(plan->'lock_users')::bigint), '{}');
     END IF;
-    IF jsonb_array_length(plan->'expect_balances') > 0 THEN
-        -- Each premise's balance is the one the plan read, plus what the read could not see: the postings of
-        -- transactions invisible to its snapshot (the plan's own included). Postings are never changed or
-        -- removed, so nothing else can have moved. Only when the read's snapshot is older than the latest
-        -- snapshot refresh is the balance read in full instead, which is then the shorter scan.
-        seen_at := (plan->>'seen_at')::pg_snapshot;
-        since := pg_snapshot_xmin(seen_at);
-        IF since < (SELECT coalesce(max(horizon), '0'::xid8) FROM snapshot_runs) THEN
-            since := NULL;
-        END IF;
-        IF EXISTS (
+    IF jsonb_array_length(plan->'expect_balances') > 0 AND EXISTS (
                SELECT 1
                  FROM jsonb_to_recordset(plan->'expect_balances')
                       AS b(account text, ledger text, seen bigint, low numeric, high numeric),  -- bounds may exceed bigint
-                      LATERAL (SELECT CASE WHEN since IS NULL THEN ledger_balance(b.account, b.ledger)
-                                           ELSE b.seen + coalesce((
-                                                SELECT sum(p.amount) FROM postings p
-                                                 WHERE p.account = b.account AND p.ledger = b.ledger
-                                                   AND p.txid >= since
-                                                   AND NOT pg_visible_in_snapshot(p.txid, seen_at)), 0)
-                                      END AS now) n
+                      LATERAL (SELECT ledger_balance_after(b.account, b.ledger, b.seen,
+                                                           (plan->>'seen_at')::pg_snapshot) AS now) n
                 WHERE n.now < b.low OR n.now > b.high) THEN
-            RAISE EXCEPTION 'a balance this plan was decided on has changed' USING ERRCODE = 'LS001';
-        END IF;
+        RAISE EXCEPTION 'a balance this plan was decided on has changed' USING ERRCODE = 'LS001';
     END IF;
     IF jsonb_array_length(plan->'expect_tokens') > 0 AND EXISTS (
                SELECT 1 FROM jsonb_to_recordset(plan->'expect_tokens') AS t(token_id bigint, unlimited boolean)
@@ -249,3 +251,4 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     run_script(op.get_bind(), _previous_definitions())
+    op.execute("DROP FUNCTION ledger_balance_after(text, text, bigint, pg_snapshot)")
