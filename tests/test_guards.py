@@ -156,11 +156,26 @@ async def test_amounts_out_of_range_are_refused(raw: Conn, amount: int) -> None:
         await post(raw, entry_id, "quota", "user:1", amount)
 
 
-@pytest.mark.parametrize("account", ["user", "user:", "wallet:1", "user:1 2", ""])
+@pytest.mark.parametrize(
+    "account", ["user", "user:", "wallet:1", "user:1 2", "", ":1", "user:" + "a" * 129, "hold:" + "b" * 129, "usr:1"]
+)
 async def test_malformed_account_addresses_are_refused(raw: Conn, account: str) -> None:
     entry_id = await new_entry(raw)
     with pytest.raises(asyncpg.CheckViolationError, match="postings_account_check"):
         await post(raw, entry_id, "quota", account, 1)
+
+
+@pytest.mark.parametrize("suffix", ["1", "a" * 128, "r-1:settle.2_x", "a:b:c"])
+async def test_well_formed_account_addresses_up_to_128_characters_are_accepted(raw: Conn, suffix: str) -> None:
+    async with raw.transaction():
+        entry_id = await new_entry(raw)
+        await raw.execute(
+            "INSERT INTO postings (entry_id, ledger, account, amount)"
+            " VALUES ($1, 'quota', $2, 1), ($1, 'quota', $3, -1)",
+            entry_id,
+            "hold:" + suffix,
+            "channel:" + suffix,
+        )
 
 
 async def test_a_charge_entry_must_name_its_parties(raw: Conn) -> None:
@@ -207,8 +222,10 @@ async def test_request_ids_are_unique_and_well_formed(raw: Conn) -> None:
     await raw.execute(REQUEST)
     with pytest.raises(asyncpg.UniqueViolationError, match="requests_pkey"):
         await raw.execute(REQUEST)
-    with pytest.raises(asyncpg.CheckViolationError, match="requests_request_id_check"):
-        await raw.execute(REQUEST.replace("'r-1'", "'bad id'"))
+    for bad in ("bad id", "", "r" * 129, "r-1\n"):
+        with pytest.raises(asyncpg.CheckViolationError, match="requests_request_id_check"):
+            await raw.execute(REQUEST.replace("'r-1'", f"'{bad}'"))
+    await raw.execute(REQUEST.replace("'r-1'", f"'{'r' * 128}'"))
 
 
 async def test_a_token_never_changes_user(raw: Conn) -> None:

@@ -9,7 +9,8 @@ before with the snapshot they were read in. `ledger_balance_after` brings such a
 that snapshot could not see, instead of reading it again from its materialized snapshot (a scan of every posting
 since the last refresh, with a heap visit each). `ledger_lifecycle_apply` checks balance premises the same way. The postings
 trigger checks that the entries it names exist with one index probe per entry, where the planner used to hash
-the whole entries table. See docs/performance.md.
+the whole entries table. The account and request_id checks accept the same strings with a cheaper regular
+expression. See docs/performance.md.
 """
 
 import importlib.util
@@ -26,6 +27,17 @@ branch_labels: Sequence[str] | None = None
 depends_on: Sequence[str] | None = None
 
 UPGRADE = """
+-- The same address and request_id rules without a bounded repetition: PostgreSQL's regular expression engine
+-- builds DFA states afresh for every match, and '{1,128}' made each posting's check cost 30 to 110 microseconds
+-- (14 % of the server's CPU under load). '+' and a length bound accept exactly the same strings in about 2.
+ALTER TABLE postings DROP CONSTRAINT postings_account_check;
+ALTER TABLE postings ADD CONSTRAINT postings_account_check CHECK (
+    account ~ '^(system|user|token|hold|channel):[A-Za-z0-9._:-]+$'
+    AND length(account) <= length(split_part(account, ':', 1)) + 1 + 128);
+ALTER TABLE requests DROP CONSTRAINT requests_request_id_check;
+ALTER TABLE requests ADD CONSTRAINT requests_request_id_check CHECK (
+    request_id ~ '^[A-Za-z0-9._:-]+$' AND length(request_id) <= 128);
+
 CREATE OR REPLACE FUNCTION ledger_check_posted_entries() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     named bigint[] := ARRAY(SELECT DISTINCT entry_id FROM posted);
@@ -249,6 +261,16 @@ def upgrade() -> None:
     run_script(op.get_bind(), UPGRADE)
 
 
+PREVIOUS_CHECKS = """
+ALTER TABLE postings DROP CONSTRAINT postings_account_check;
+ALTER TABLE postings ADD CONSTRAINT postings_account_check
+    CHECK (account ~ '^(system|user|token|hold|channel):[A-Za-z0-9._:-]{1,128}$');
+ALTER TABLE requests DROP CONSTRAINT requests_request_id_check;
+ALTER TABLE requests ADD CONSTRAINT requests_request_id_check CHECK (request_id ~ '^[A-Za-z0-9._:-]{1,128}$');
+"""
+
+
 def downgrade() -> None:
+    run_script(op.get_bind(), PREVIOUS_CHECKS)
     run_script(op.get_bind(), _previous_definitions())
     op.execute("DROP FUNCTION ledger_balance_after(text, text, bigint, pg_snapshot)")
