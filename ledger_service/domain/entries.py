@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ledger_service.domain import accounts
 from ledger_service.domain.accounts import Ledger
+from ledger_service.domain.canonical import canonical_json
 from ledger_service.domain.pricing import MAX_AMOUNT
 
 
@@ -72,7 +72,7 @@ class EntryDraft:
             raise UnbalancedEntry(f"{self.kind} entry does not balance: {unbalanced}")
 
     def content_hash(self) -> bytes:
-        """SHA-256 of the entry's content in a canonical JSON form (see `canonical_content`)."""
+        """SHA-256 of the entry's content in the canonical JSON form (domain/canonical.py)."""
         return content_hash(
             kind=self.kind,
             request_id=self.request_id,
@@ -114,8 +114,7 @@ def content_hash(
         "details": details,
         "postings": [[str(p.ledger), p.account, p.amount] for p in sorted(postings)],
     }
-    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).digest()
+    return hashlib.sha256(canonical_json(document)).digest()
 
 
 def _quota(account: str, amount: int) -> Posting:

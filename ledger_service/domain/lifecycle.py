@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +20,7 @@ from typing import Any
 import msgspec
 
 from ledger_service.domain import errors
+from ledger_service.domain.canonical import canonical_ascii_json
 from ledger_service.domain.pricing import Prices
 from ledger_service.schemas import HoldView
 
@@ -191,5 +191,4 @@ def fingerprint(operation: str, body: Mapping[str, Any]) -> bytes:
     Bodies are compared after decoding, so key order and whitespace do not matter, and an omitted optional field
     equals the same field sent with its default.
     """
-    canonical = json.dumps({"op": operation, "body": body}, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).digest()
+    return hashlib.sha256(canonical_ascii_json({"op": operation, "body": body})).digest()
