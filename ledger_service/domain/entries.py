@@ -10,7 +10,7 @@ import enum
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ledger_service.domain import accounts
 from ledger_service.domain.accounts import Ledger
@@ -34,8 +34,13 @@ class UnbalancedEntry(ValueError):
     """An entry whose postings do not sum to zero in some ledger (a bug in a posting rule)."""
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Posting:
+class Posting(NamedTuple):
+    """One line of an entry: `amount` (signed) to `account` in `ledger`. Ordered by ledger, account, amount.
+
+    A named tuple rather than a frozen dataclass: immutable and ordered all the same, and a batch of 100
+    operations builds several hundred of them, where a frozen dataclass's constructor is several times slower.
+    """
+
     ledger: Ledger
     account: str
     amount: int
