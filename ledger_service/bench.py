@@ -102,12 +102,12 @@ class Measurement:
     """CPU milliseconds per operation, by party: the service, PostgreSQL, the load generator (this process)."""
 
 
-def cpu_seconds(service_pid: int) -> dict[str, float]:
-    """CPU seconds used so far by the service's process tree, PostgreSQL's processes and this process (Linux)."""
+def cpu_seconds(service_pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds used so far, per process: the service's process tree, PostgreSQL's processes and this process
+    (the load generator), each tagged with its party (Linux /proc)."""
     tick = os.sysconf("SC_CLK_TCK")
     parents: dict[int, int] = {}
-    used: dict[int, float] = {}
-    names: dict[int, str] = {}
+    found: dict[int, tuple[str, float]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -117,17 +117,30 @@ def cpu_seconds(service_pid: int) -> dict[str, float]:
             continue  # the process ended while we looked
         name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
         pid = int(entry.name)
-        parents[pid], used[pid], names[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, name
-    totals = {"service": 0.0, "postgres": 0.0, "load": used.get(os.getpid(), 0.0)}
-    for pid, seconds in used.items():
+        parents[pid] = int(fields[1])
+        found[pid] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    tagged: dict[int, tuple[str, float]] = {}
+    for pid, (name, seconds) in found.items():
         ancestor = pid
         while ancestor > 1 and ancestor != service_pid:
             ancestor = parents.get(ancestor, 1)
         if ancestor == service_pid:
-            totals["service"] += seconds
-        elif names[pid].startswith("postgres"):
-            totals["postgres"] += seconds
-    return totals
+            tagged[pid] = ("service", seconds)
+        elif pid == os.getpid():
+            tagged[pid] = ("load", seconds)
+        elif name.startswith("postgres"):
+            tagged[pid] = ("postgres", seconds)
+    return tagged
+
+
+def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per party between two readings. A process that ended in between is not counted (its time is
+    gone from /proc); PostgreSQL's backends and the service's processes live through a measurement."""
+    used = {"service": 0.0, "postgres": 0.0, "load": 0.0}
+    for pid, (party, seconds) in after.items():
+        earlier = before.get(pid)
+        used[party] += seconds - (earlier[1] if earlier is not None and earlier[0] == party else 0.0)
+    return used
 
 
 def measure(tally: Tally, seconds: float) -> Measurement:
@@ -523,7 +536,7 @@ async def run_benchmark(options: Options, say: Callable[[str], None]) -> dict[st
                         measured = await driving
                     after = cpu_seconds(service.process.pid)
                     operations = max(1.0, measured.ops_per_second * options.duration)
-                    cpu = {party: (after[party] - before[party]) * 1000 / operations for party in after}
+                    cpu = {party: seconds * 1000 / operations for party, seconds in cpu_used(before, after).items()}
                     measured = dataclasses.replace(measured, cpu_ms_per_op=cpu)
                     runs[name].append(measured)
                     say(

@@ -187,12 +187,15 @@ class SeenBalances:
     def __len__(self) -> int:
         return len(self._seen)
 
-    def annotate(self, accounts: list[list[Any]]) -> list[list[Any]]:
-        """The read's `accounts` argument, each [account, ledger] extended with [balance, snapshot] if seen."""
-        annotated = []
-        for pair in accounts:
-            seen = self._seen.get((pair[0], pair[1]))
-            annotated.append(pair if seen is None else [pair[0], pair[1], seen[0], seen[1]])
+    def annotate(self, accounts: list[list[str]]) -> list[dict[str, Any]]:
+        """The read's `accounts` argument: each [account, ledger] as an object, with `seen` and `seen_at` if seen."""
+        annotated: list[dict[str, Any]] = []
+        for account, ledger in accounts:
+            seen = self._seen.get((account, ledger))
+            if seen is None:
+                annotated.append({"account": account, "ledger": ledger})
+            else:
+                annotated.append({"account": account, "ledger": ledger, "seen": seen[0], "seen_at": seen[1]})
         return annotated
 
     def remember(self, balances: list[_Balance], seen_at: str) -> None:
@@ -217,8 +220,7 @@ async def read(
     if lock:
         users, moved = lock_targets(operations)
         want.update(lock=True, lock_users=users, lock_requests=moved)
-    if seen is not None:
-        want["accounts"] = seen.annotate(want["accounts"])
+    want["accounts"] = (seen or SeenBalances(capacity=0)).annotate(want["accounts"])
     found = _snapshot_decoder.decode(
         await conn.fetchval("SELECT ledger_lifecycle_read($1::jsonb)", _encoder.encode(want).decode())
     )
@@ -310,7 +312,6 @@ def _plan_document(plan: Plan, snapshot: Snapshot, *, with_premises: bool) -> di
     ]
     return {
         "lock_users": sorted(plan.lock_users),
-        "seen_at": snapshot.seen_at,
         "expect_requests": [
             {"request_id": request_id, "status": str(status)} for request_id, status in plan.expect_requests.items()
         ],
@@ -320,6 +321,7 @@ def _plan_document(plan: Plan, snapshot: Snapshot, *, with_premises: bool) -> di
                 "account": account,
                 "ledger": str(ledger),
                 "seen": snapshot.balances[(account, ledger)],
+                "seen_at": snapshot.seen_at,
                 "low": None if bounds.low is None else bounds.low + changes.get((account, ledger), 0),
                 "high": None if bounds.high is None else bounds.high + changes.get((account, ledger), 0),
             }

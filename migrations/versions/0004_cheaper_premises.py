@@ -5,9 +5,10 @@ Revises: 0003
 Create Date: 2026-11-27
 
 `ledger_lifecycle_read` now also returns the snapshot its balances were read in, and takes balances the service read
-before with the snapshot they were read in. `ledger_balance_after` brings such a balance up to date with the postings
+before with the snapshot they were read in. `ledger_balances` brings such a balance up to date with the postings
 that snapshot could not see, instead of reading it again from its materialized snapshot (a scan of every posting
-since the last refresh, with a heap visit each). `ledger_lifecycle_apply` checks balance premises the same way. The postings
+since the last refresh, with a heap visit each), and computes all the balances of a call in one statement.
+`ledger_lifecycle_apply` checks balance premises the same way. The postings
 trigger checks that the entries it names exist with one index probe per entry, where the planner used to hash
 the whole entries table. The account and request_id checks accept the same strings with a cheaper regular
 expression, and four entry indexes leave out the entries they can never find. See docs/performance.md.
@@ -76,20 +77,38 @@ BEGIN
 END
 $$;
 
--- A balance from one read before: the balance `seen` in snapshot `seen_at`, plus the postings of the transactions
--- that snapshot could not see (committed since, or in progress then). Postings are never changed or removed, so
--- nothing else can have moved it. When `seen_at` is older than the latest snapshot refresh, the balance is read in
--- full instead (ledger_balance), which is then the shorter scan.
-CREATE FUNCTION ledger_balance_after(account text, ledger text, seen bigint, seen_at pg_snapshot)
-    RETURNS bigint LANGUAGE sql STABLE AS $$
-    SELECT CASE
-        WHEN pg_snapshot_xmin(seen_at) < (SELECT coalesce(max(horizon), '0'::xid8) FROM snapshot_runs)
-            THEN ledger_balance(account, ledger)
-        ELSE seen + coalesce((
-            SELECT sum(p.amount) FROM postings p
-             WHERE p.account = ledger_balance_after.account AND p.ledger = ledger_balance_after.ledger
-               AND p.txid >= pg_snapshot_xmin(seen_at) AND NOT pg_visible_in_snapshot(p.txid, seen_at)), 0)::bigint
-    END
+-- The balances of many accounts in one statement. `wanted` is a JSON array of {account, ledger}, each optionally
+-- with the balance `seen` in an earlier snapshot `seen_at`. Such a balance is brought up to date: the one seen, plus
+-- the postings of the transactions that snapshot could not see (committed since, or in progress then). Postings
+-- are never changed or removed, so nothing else can have moved it. Any other balance, or one whose snapshot is
+-- older than the latest refresh (then the longer scan), is the account's snapshot row plus its postings at or above
+-- the row's horizon; an account without a row had nothing below the latest run's horizon (hold accounts are never
+-- snapshotted). One statement for all the accounts: a function call per account cost an executor start each.
+CREATE FUNCTION ledger_balances(wanted jsonb) RETURNS TABLE (account text, ledger text, balance bigint)
+    LANGUAGE sql STABLE AS $$
+    WITH latest AS (SELECT coalesce(max(horizon), '0'::xid8) AS horizon FROM snapshot_runs)
+    SELECT w.account, w.ledger,
+           (CASE WHEN w.seen IS NOT NULL AND pg_snapshot_xmin(w.seen_at) >= latest.horizon
+                 THEN w.seen + coalesce((
+                      SELECT sum(p.amount) FROM postings p
+                       WHERE p.account = w.account AND p.ledger = w.ledger
+                         AND p.txid >= pg_snapshot_xmin(w.seen_at)
+                         AND NOT pg_visible_in_snapshot(p.txid, w.seen_at)), 0)
+                 ELSE coalesce(s.balance, 0) + coalesce((
+                      SELECT sum(p.amount) FROM postings p
+                       WHERE p.account = w.account AND p.ledger = w.ledger
+                         AND p.txid >= coalesce(s.horizon, CASE WHEN w.account LIKE 'hold:%' THEN '0'::xid8
+                                                                 ELSE latest.horizon END)), 0)
+            END)::bigint
+      FROM jsonb_to_recordset(wanted) AS w(account text, ledger text, seen bigint, seen_at pg_snapshot)
+     CROSS JOIN latest
+      LEFT JOIN balance_snapshots s ON s.account = w.account AND s.ledger = w.ledger
+$$;
+
+-- The one definition of a balance, for one account (journal reads).
+CREATE OR REPLACE FUNCTION ledger_balance(account text, ledger text) RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT b.balance
+      FROM ledger_balances(jsonb_build_array(jsonb_build_object('account', account, 'ledger', ledger))) b
 $$;
 
 CREATE OR REPLACE FUNCTION ledger_lifecycle_read(want jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
@@ -122,16 +141,15 @@ BEGIN
               FROM tokens t
              WHERE t.token_id = ANY (ARRAY(SELECT jsonb_array_elements_text(want->'token_ids')::bigint))), '[]'),
         'balances', coalesce((
-            SELECT jsonb_agg(jsonb_build_object('account', a->>0, 'ledger', a->>1,
-                                                'balance', CASE WHEN a->>2 IS NULL THEN ledger_balance(a->>0, a->>1)
-                                                                ELSE ledger_balance_after(a->>0, a->>1, (a->>2)::bigint,
-                                                                                          (a->>3)::pg_snapshot)
-                                                           END))
-              FROM jsonb_array_elements(want->'accounts') a
-             WHERE a->>0 NOT IN (  -- an unlimited token's allowance decides nothing: not read
-                   SELECT 'token:' || t.token_id FROM tokens t
-                    WHERE t.unlimited
-                      AND t.token_id = ANY (ARRAY(SELECT jsonb_array_elements_text(want->'token_ids')::bigint)))), '[]'),
+            SELECT jsonb_agg(jsonb_build_object('account', b.account, 'ledger', b.ledger, 'balance', b.balance))
+              FROM ledger_balances((
+                   SELECT coalesce(jsonb_agg(a), '[]')
+                     FROM jsonb_array_elements(want->'accounts') a
+                    WHERE a->>'account' NOT IN (  -- an unlimited token's allowance decides nothing: not read
+                          SELECT 'token:' || t.token_id FROM tokens t
+                           WHERE t.unlimited
+                             AND t.token_id = ANY (ARRAY(SELECT jsonb_array_elements_text(want->'token_ids')::bigint))))
+                   ) b), '[]'),
         'models', coalesce((
             SELECT jsonb_agg(jsonb_build_object('model', m.model, 'model_ratio', m.model_ratio::text,
                                                 'completion_ratio', m.completion_ratio::text,
@@ -211,7 +229,7 @@ BEGIN
 
     -- Entries in plan order, each with its postings; the postings' trigger checks that every entry balances.
     WITH planned AS (
-        SELECT nextval(pg_get_serial_sequence('entries', 'id')) AS id, e.doc
+        SELECT nextval('entries_id_seq'::regclass) AS id, e.doc
           FROM jsonb_array_elements(plan->'entries') WITH ORDINALITY AS e(doc, position)
     ), entry AS (
         INSERT INTO entries (id, kind, request_id, user_id, token_id, channel_id, charged, details, hash)
@@ -231,11 +249,11 @@ BEGIN
     END IF;
     IF jsonb_array_length(plan->'expect_balances') > 0 AND EXISTS (
                SELECT 1
-                 FROM jsonb_to_recordset(plan->'expect_balances')
-                      AS b(account text, ledger text, seen bigint, low numeric, high numeric),  -- bounds may exceed bigint
-                      LATERAL (SELECT ledger_balance_after(b.account, b.ledger, b.seen,
-                                                           (plan->>'seen_at')::pg_snapshot) AS now) n
-                WHERE n.now < b.low OR n.now > b.high) THEN
+                 FROM ledger_balances(plan->'expect_balances') n
+                 JOIN jsonb_to_recordset(plan->'expect_balances')
+                      AS b(account text, ledger text, low numeric, high numeric)  -- bounds may exceed bigint
+                      ON b.account = n.account AND b.ledger = n.ledger
+                WHERE n.balance < b.low OR n.balance > b.high) THEN
         RAISE EXCEPTION 'a balance this plan was decided on has changed' USING ERRCODE = 'LS001';
     END IF;
     IF jsonb_array_length(plan->'expect_tokens') > 0 AND EXISTS (
@@ -250,7 +268,7 @@ END
 $$;
 """
 
-_REPLACED = ("ledger_check_posted_entries", "ledger_lifecycle_read", "ledger_lifecycle_apply")
+_REPLACED = ("ledger_check_posted_entries", "ledger_balance", "ledger_lifecycle_read", "ledger_lifecycle_apply")
 
 
 def _previous_definitions() -> str:
@@ -298,4 +316,4 @@ def downgrade() -> None:
     run_script(op.get_bind(), PREVIOUS_INDEXES)
     run_script(op.get_bind(), PREVIOUS_CHECKS)
     run_script(op.get_bind(), _previous_definitions())
-    op.execute("DROP FUNCTION ledger_balance_after(text, text, bigint, pg_snapshot)")
+    op.execute("DROP FUNCTION ledger_balances(jsonb)")
