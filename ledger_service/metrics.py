@@ -1,4 +1,4 @@
-"""Prometheus metrics of the ledger itself (HTTP request metrics come from Litestar's Prometheus middleware).
+"""Prometheus metrics: the HTTP requests (recorded by api/middleware.py) and the ledger's own work.
 
 Counters move only after the transaction that did the work has committed (see db/transactions.after_commit), so
 a rolled-back or retried attempt is never counted.
@@ -7,6 +7,20 @@ a rolled-back or retried attempt is never counted.
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
+
+# HTTP requests, by route template. The names and labels are those Litestar's Prometheus middleware used to
+# export (app_name="ledger"), so dashboards keep working; recording them in our access-log middleware spares a
+# middleware layer and its label lookups on every request.
+HTTP_LABELS = ["app_name", "method", "path", "status_code"]
+HTTP_REQUESTS = Counter("ledger_http_requests_total", "Responses by route template and status", HTTP_LABELS)
+HTTP_ERRORS = Counter("ledger_http_requests_error_total", "Responses with a status of 500 or above", HTTP_LABELS)
+HTTP_DURATION = Histogram("ledger_http_request_duration_seconds", "Time to the response", HTTP_LABELS)
+HTTP_IN_PROGRESS = Gauge(
+    "ledger_http_requests_in_progress",
+    "Requests being served",
+    ["app_name", "method", "path"],
+    multiprocess_mode="livesum",
+)
 
 HOLDS_OPENED = Counter("ledger_holds_opened_total", "Holds created (trusted ones included)", ["trusted"])
 HOLDS_SETTLED = Counter("ledger_holds_settled_total", "Holds settled", ["late"])

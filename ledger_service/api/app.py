@@ -11,7 +11,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.plugins.prometheus import PrometheusController
 
 from ledger_service.api.auth import require_role
 from ledger_service.api.controllers.accounts import AccountController
@@ -134,16 +134,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ReportsController,
         ],
     )
-    prometheus = PrometheusConfig(
-        app_name="ledger",
-        prefix="ledger_http",
-        group_path=True,
-        exclude_unhandled_paths=True,
-        exclude=["/metrics"],
-    )
     return Litestar(
         route_handlers=[HealthController, MetricsController, v1],
-        middleware=[access_log_middleware, prometheus.middleware],
+        middleware=[access_log_middleware],
         request_max_body_size=settings.max_body_bytes,
         logging_config=None,
         lifespan=[lifespan],

@@ -1,4 +1,5 @@
-"""ASGI middleware: one structured access-log line per request, and the hook that requires JSON bodies."""
+"""ASGI middleware: one structured access-log line and the HTTP metrics per request, and the hook that requires
+JSON bodies."""
 
 from __future__ import annotations
 
@@ -8,14 +9,45 @@ from typing import Any
 from litestar import Request
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import Gauge
 
+from ledger_service import metrics
 from ledger_service.domain import errors
 from ledger_service.observability import log_request, request_id_var
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_APP_NAME = "ledger"
+_UNMEASURED = frozenset({"/metrics"})
+
+
+class _RouteMetrics:
+    """The metric series of one (method, route, status): looked up once, not on every request."""
+
+    def __init__(self, method: str, route: str, status: int) -> None:
+        labels = (_APP_NAME, method, route, str(status))
+        self.requests = metrics.HTTP_REQUESTS.labels(*labels)
+        self.duration = metrics.HTTP_DURATION.labels(*labels)
+        self.errors = metrics.HTTP_ERRORS.labels(*labels) if status >= 500 else None
+
+
+_route_metrics: dict[tuple[str, str, int], _RouteMetrics] = {}
+_in_progress: dict[tuple[str, str], Gauge] = {}
+
+
+def _record(method: str, route: str, status: int, seconds: float) -> None:
+    key = (method, route, status)
+    series = _route_metrics.get(key)
+    if series is None:
+        series = _route_metrics[key] = _RouteMetrics(method, route, status)
+    series.requests.inc()
+    series.duration.observe(seconds)
+    if series.errors is not None:
+        series.errors.inc()
 
 
 def access_log_middleware(app: ASGIApp) -> ASGIApp:
+    """Log each request and record its metrics, by route template (not path: one series per route)."""
+
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
@@ -23,6 +55,14 @@ def access_log_middleware(app: ASGIApp) -> ASGIApp:
         started = time.perf_counter()
         request_id_var.set(None)
         status = 500
+        method = str(scope.get("method", ""))
+        route = str(scope.get("path_template") or "unmatched")
+        gauge: Gauge | None = None
+        if route not in _UNMEASURED:
+            gauge = _in_progress.get((method, route))
+            if gauge is None:
+                gauge = _in_progress[(method, route)] = metrics.HTTP_IN_PROGRESS.labels(_APP_NAME, method, route)
+            gauge.inc()
 
         async def capture(message: Message) -> None:
             nonlocal status
@@ -33,9 +73,11 @@ def access_log_middleware(app: ASGIApp) -> ASGIApp:
         try:
             await app(scope, receive, capture)
         finally:
+            if gauge is not None:
+                gauge.dec()
+                _record(method, route, status, time.perf_counter() - started)
             principal = scope.get("state", {}).get("principal")
-            route = str(scope.get("path_template") or "unmatched")
-            log_request(str(scope.get("method", "")), route, status, started, getattr(principal, "key_id", None))
+            log_request(method, route, status, started, getattr(principal, "key_id", None))
 
     return middleware
 
