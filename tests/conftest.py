@@ -25,7 +25,7 @@ from litestar import Litestar
 from ledger_service.api.app import create_app
 from ledger_service.database import EmbeddedPostgres, migrate
 from ledger_service.db.engine import create_engine
-from ledger_service.db.lifecycle import create_pool
+from ledger_service.db.lifecycle import SeenBalances, create_pool
 from ledger_service.services.ledger import LedgerService
 from ledger_service.services.lifecycle import LifecycleService
 from ledger_service.settings import Settings
@@ -123,9 +123,10 @@ async def ledger(client: httpx.AsyncClient, database_url: str) -> AsyncIterator[
 async def service(settings: Settings) -> AsyncIterator[LedgerService]:
     """The service layer without HTTP, for tests that drive it directly (the sweeper, snapshots)."""
     engine = create_engine(settings.database_url or "", pool_size=10)
-    pool = await create_pool(settings.database_url or "", size=10)
+    seen = SeenBalances()
+    pool = await create_pool(settings.database_url or "", size=10, on_connect=seen.forget)
     try:
-        yield LedgerService(engine, settings, LifecycleService(pool, settings))
+        yield LedgerService(engine, settings, LifecycleService(pool, settings, seen))
     finally:
         await pool.close()
         await engine.dispose()

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import random
-from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 import pytest
 
 from ledger_service.domain.canonical import canonical_ascii_json, canonical_json
+from ledger_service.domain.lifecycle import body_of
+from ledger_service.schemas import HoldCommand
 
 TRICKY = ["", "a", "é", "😀", "\x00", "\x1f", "\x7f", "\x80", "\u2028", '"', "\\", "/", "\b\f\n\r\t", "\ud800", "中文"]
 
@@ -70,6 +70,8 @@ def test_fingerprint_form_is_json_dumps_with_its_defaults(seed: int) -> None:
         assert ours(canonical_ascii_json, document) == reference(document, default=str), document
 
 
-def test_values_that_are_not_json_are_written_as_json_dumps_writes_them() -> None:
-    document = {"when": datetime(2026, 11, 27, tzinfo=UTC), "ratio": Decimal("2.5"), "name": "ü\x7f"}
+@pytest.mark.parametrize("model", ["gpt-4o", "模型-ü", "del\x7f", "😀"])
+def test_a_request_body_is_fingerprinted_as_json_dumps_did(model: str) -> None:
+    command = HoldCommand(request_id="r-1", user_id=1, token_id=2, model=model, prompt_tokens=3, max_tokens=4)
+    document = {"op": "hold", "body": body_of(command)}
     assert canonical_ascii_json(document) == reference(document, default=str)

@@ -294,6 +294,45 @@ async def test_a_balance_read_again_is_the_one_seen_plus_what_its_snapshot_could
     assert await both() == (7 * ESTIMATE, 7 * ESTIMATE)  # the one in flight then, committed now
 
 
+def test_a_remembered_balance_is_read_in_full_again_once_its_chain_is_old() -> None:
+    """The safety net: past `full_read_every` seconds since a balance was last read in full, the read is not given
+    the remembered balance, so it reads in full (and starts a new chain)."""
+    balance = [lifecycle_db._Balance("user:1", "quota", 5)]
+    fresh = lifecycle_db.SeenBalances(full_read_every=3600)
+    fresh.remember(balance, "10:10:")
+    assert fresh.annotate([["user:1", "quota"]]) == [
+        {"account": "user:1", "ledger": "quota", "seen": 5, "seen_at": "10:10:"}
+    ]
+    old = lifecycle_db.SeenBalances(full_read_every=-1)
+    old.remember(balance, "10:10:")
+    assert old.annotate([["user:1", "quota"]]) == [{"account": "user:1", "ledger": "quota"}]
+
+
+async def test_a_balance_read_inside_a_transaction_with_an_id_is_not_remembered(
+    ledger: Ledger, raw: asyncpg.Connection[Any]
+) -> None:
+    """A snapshot taken inside a transaction that already has an id leaves that transaction out of its in-progress
+    list, as if it had committed: once a later id has committed, that transaction's own later postings would
+    count as seen in it. Such a read (the locked, pessimistic one) is not remembered, so the next read counts
+    them. Remembering it made the next read miss the drain below, and a hold could then overspend."""
+    await ledger.fund(1, 10 * ESTIMATE)
+    await ledger.token(1, 1)
+    operations = [Operation("hold", "probe", HoldCommand(request_id="probe", user_id=1, token_id=1, model="gpt-4o",
+                                                         prompt_tokens=1))]  # fmt: skip
+    seen = lifecycle_db.SeenBalances()
+    key = ("user:1", LedgerName.QUOTA)
+    async with raw.transaction():
+        await raw.execute("SELECT pg_current_xact_id()")  # this transaction has an id
+        await ledger.conn.execute("SELECT pg_current_xact_id()")  # a later id commits meanwhile
+        inside = await lifecycle_db.read(raw, operations, lock=False, seen=seen)
+        assert inside.seen_at is None
+        assert len(seen) == 0
+        await raw.execute(DRAIN, ESTIMATE)
+    again = await lifecycle_db.read(ledger.conn, operations, lock=False, seen=seen)
+    full = await lifecycle_db.read(ledger.conn, operations, lock=False)
+    assert again.balances[key] == full.balances[key] == 9 * ESTIMATE
+
+
 async def test_a_trust_threshold_beyond_bigint_is_still_a_premise(ledger: Ledger) -> None:
     """With the largest trust factor, a hold of 10^15 has a threshold of 10^21, beyond any stored amount; its premise
     ('at most the threshold') must still be checked rather than fail the whole plan (bounds are numeric)."""
@@ -308,3 +347,20 @@ async def test_a_trust_threshold_beyond_bigint_is_still_a_premise(ledger: Ledger
     assert plan.balance_bounds  # the untrusted decision rests on 'at most 10^21'
     assert await lifecycle_db.apply(ledger.conn, plan, snapshot, with_premises=True) is not None
     assert (await ledger.user(1))["available"] == 0
+
+
+async def test_the_lifecycle_pool_reports_every_new_connection(database_url: str) -> None:
+    """The pool calls on_connect for each connection it opens (the app passes SeenBalances.forget), including
+    one that replaces a connection the server closed: balances seen before a restart are never reused."""
+    opened: list[int] = []
+    pool = await lifecycle_db.create_pool(database_url, size=1, on_connect=lambda: opened.append(1))
+    try:
+        assert len(opened) == 1  # the pool's connection
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+            async with pool.acquire() as conn:
+                await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")  # the server drops it
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+        assert len(opened) == 2  # a new connection replaced the dropped one
+    finally:
+        await pool.close()

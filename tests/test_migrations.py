@@ -50,3 +50,26 @@ async def test_upgrade_downgrade_upgrade(empty_database: str) -> None:
                 )
     finally:
         await conn.close()
+
+
+async def test_each_revision_downgrades_to_working_functions(empty_database: str) -> None:
+    """Down to 0003 and up again: after each step that revision's lifecycle functions still run (a downgrade that
+    left a function calling one it dropped would only fail at the next call)."""
+    await asyncio.to_thread(migrate, empty_database)
+    for revision in ("0003", "0004"):
+        await asyncio.to_thread(command.downgrade if revision == "0003" else command.upgrade,
+                                alembic_config(empty_database), revision)  # fmt: skip
+        account = '["user:1", "quota"]' if revision == "0003" else '{"account": "user:1", "ledger": "quota"}'
+        want = (
+            f'{{"request_ids": ["r-1"], "token_ids": [1], "accounts": [{account}], "models": ["gpt-4o"],'
+            ' "groups": ["default"]}'
+        )
+        conn = await asyncpg.connect(empty_database)
+        try:
+            assert await conn.fetchval("SELECT ledger_balance('user:1', 'quota')") == 0
+            found = await conn.fetchval("SELECT ledger_lifecycle_read($1::jsonb)", want)
+            assert '"requests": []' in found
+            settings = await conn.fetchval("SELECT proconfig FROM pg_proc WHERE proname = 'ledger_lifecycle_apply'")
+            assert (settings is None) is (revision == "0003")
+        finally:
+            await conn.close()

@@ -27,7 +27,7 @@ from ledger_service.api.middleware import access_log_middleware, check_request
 from ledger_service.api.problems import handle_exception
 from ledger_service.api.ratelimit import RateLimiter
 from ledger_service.db.engine import create_engine
-from ledger_service.db.lifecycle import create_pool
+from ledger_service.db.lifecycle import SeenBalances, create_pool
 from ledger_service.observability import configure_logging
 from ledger_service.services.api_keys import ApiKeyService
 from ledger_service.services.audit import AuditService
@@ -90,8 +90,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 "LEDGER_DATABASE_URL is not set (`ledger-service serve` sets it for the embedded server)"
             )
         engine = create_engine(settings.database_url, pool_size=settings.pool_size)
-        lifecycle_pool = await create_pool(settings.database_url, size=settings.pool_size)
-        ledger = LedgerService(engine, settings, LifecycleService(lifecycle_pool, settings))
+        seen = SeenBalances()
+        lifecycle_pool = await create_pool(settings.database_url, size=settings.pool_size, on_connect=seen.forget)
+        ledger = LedgerService(engine, settings, LifecycleService(lifecycle_pool, settings, seen))
         app.state.engine = engine
         app.state.ledger = ledger
         app.state.batches = BatchService(ledger)

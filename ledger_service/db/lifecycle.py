@@ -7,7 +7,9 @@ its arguments and answer as one JSON document each (msgspec encodes and decodes 
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 from functools import cache
@@ -28,9 +30,16 @@ if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
     Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
 
 
-async def create_pool(url: str, *, size: int, application_name: str = "ledger-service") -> Pool:
+async def create_pool(
+    url: str, *, size: int, application_name: str = "ledger-service", on_connect: Callable[[], None] | None = None
+) -> Pool:
     """A pool for the lifecycle statements. READ COMMITTED is pinned per session, whatever the server defaults
-    to: a plan's premises are checked by statements that must each see the latest commits (docs/accounting.md)."""
+    to: a plan's premises are checked by statements that must each see the latest commits (docs/accounting.md).
+    `on_connect` runs for every new connection, including the ones that replace connections the server closed."""
+
+    async def opened(connection: Connection) -> None:
+        if on_connect is not None:
+            on_connect()
 
     async def keep(connection: Connection) -> None:
         # Released connections are reused as they are: the lifecycle leaves no session state behind (only
@@ -44,6 +53,7 @@ async def create_pool(url: str, *, size: int, application_name: str = "ledger-se
         min_size=1,
         max_size=size,
         reset=keep,
+        init=opened,
         timeout=5,
         command_timeout=60,
         server_settings={
@@ -107,7 +117,7 @@ class _Group(msgspec.Struct):
 
 class _Snapshot(msgspec.Struct):
     now: datetime
-    seen_at: str
+    seen_at: str | None
     requests: list[_Request]
     tokens: list[_Token]
     balances: list[_Balance]
@@ -174,34 +184,45 @@ class SeenBalances:
     """The balances this process read last, each with the database snapshot it was read in (at most `capacity`,
     the least recently read forgotten first).
 
-    A balance read again is then the one seen plus the postings that snapshot could not see
-    (`ledger_balance_after`), instead of a scan of every posting since the last snapshot refresh. That is exact
-    whatever else wrote in between, in this process or another: postings are only ever added. Forget everything
-    when the connection to the database is lost: a restored or failed-over database may not have what was seen.
+    A balance read again is then the one seen plus the postings that snapshot could not see (`ledger_balances`,
+    migration 0004), instead of a scan of every posting since the last snapshot refresh. That is exact whatever
+    else wrote in between, in this process or another: postings are only ever added. Forget everything when a
+    connection to the database is lost or a new one is opened: a restored or failed-over database may not have
+    what was seen. Only balances read outside a transaction are remembered (see `ledger_lifecycle_read`).
+
+    As a safety net, each balance is still read in full at least every `full_read_every` seconds (plus one read):
+    were a chain of brought-up-to-date balances ever wrong, the error would not outlive it.
     """
 
-    def __init__(self, capacity: int = 100_000) -> None:
+    def __init__(self, capacity: int = 100_000, full_read_every: float = 10.0) -> None:
         self.capacity = capacity
-        self._seen: OrderedDict[tuple[str, str], tuple[int, str]] = OrderedDict()
+        self.full_read_every = full_read_every
+        # (account, ledger) -> (balance, snapshot it was read in, monotonic time of the chain's full read)
+        self._seen: OrderedDict[tuple[str, str], tuple[int, str, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._seen)
 
     def annotate(self, accounts: list[list[str]]) -> list[dict[str, Any]]:
-        """The read's `accounts` argument: each [account, ledger] as an object, with `seen` and `seen_at` if seen."""
+        """The read's `accounts` argument: each [account, ledger] as an object, with `seen` and `seen_at` if seen
+        (and its chain not due for a full read)."""
         annotated: list[dict[str, Any]] = []
+        now = time.monotonic()
         for account, ledger in accounts:
             seen = self._seen.get((account, ledger))
-            if seen is None:
+            if seen is None or now - seen[2] > self.full_read_every:
                 annotated.append({"account": account, "ledger": ledger})
             else:
                 annotated.append({"account": account, "ledger": ledger, "seen": seen[0], "seen_at": seen[1]})
         return annotated
 
     def remember(self, balances: list[_Balance], seen_at: str) -> None:
+        now = time.monotonic()
         for balance in balances:
             key = (balance.account, balance.ledger)
-            self._seen[key] = (balance.balance, seen_at)
+            before = self._seen.get(key)
+            chained = before is not None and now - before[2] <= self.full_read_every
+            self._seen[key] = (balance.balance, seen_at, before[2] if before is not None and chained else now)
             self._seen.move_to_end(key)
         while len(self._seen) > self.capacity:
             self._seen.popitem(last=False)
@@ -224,7 +245,7 @@ async def read(
     found = _snapshot_decoder.decode(
         await conn.fetchval("SELECT ledger_lifecycle_read($1::jsonb)", _encoder.encode(want).decode())
     )
-    if seen is not None:
+    if seen is not None and found.seen_at is not None:  # None: read inside a transaction that has an id
         seen.remember(found.balances, found.seen_at)
     models = {m.model: m for m in found.models}
     groups = {g.group_name: g.group_ratio for g in found.groups}
@@ -251,6 +272,8 @@ def _hex(value: bytes | None) -> str | None:
 
 
 def _plan_document(plan: Plan, snapshot: Snapshot, *, with_premises: bool) -> dict[str, Any]:
+    if with_premises and plan.balance_bounds and snapshot.seen_at is None:
+        raise RuntimeError("balance premises need the snapshot their balances were read in")
     new_requests = []
     updated_requests = []
     for request_id, row in plan.requests.items():

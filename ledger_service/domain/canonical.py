@@ -23,12 +23,14 @@ def canonical_json(document: Any) -> bytes:
 
 
 def canonical_ascii_json(document: Any) -> bytes:
-    """The canonical form with every character outside printable ASCII escaped as `\\uXXXX`, and anything that is
-    not JSON written as its str() (the request fingerprints' form: `json.dumps`'s defaults)."""
+    """The canonical form with every character outside printable ASCII escaped as `\\uXXXX` (the request
+    fingerprints' form: `json.dumps`'s defaults). For plain JSON data, which is what `msgspec.to_builtins` makes of a
+    request body, msgspec's output is used whenever it is pure printable ASCII; anything else (non-ASCII, DEL, a
+    lone surrogate, a value msgspec cannot encode) goes through `json.dumps(..., default=str)` itself."""
     try:
         encoded = _sorted.encode(document)
     except (TypeError, UnicodeEncodeError):
-        encoded = b"\x80"  # not JSON, or a lone surrogate: json's escaping and str() handle them below
+        encoded = b"\x80"  # handled by json.dumps below
     if encoded.isascii() and b"\x7f" not in encoded:  # nothing json would escape that msgspec does not
         return encoded
     return json.dumps(document, sort_keys=True, separators=(",", ":"), default=str).encode()

@@ -70,9 +70,10 @@ class Snapshot:
     """The users' quota and the limited tokens' allowances (an unlimited token's allowance is not read)."""
     prices: Callable[[str, str], Prices]
     """(model, group) -> the prices a request is priced with (defaults for unknown models and groups)."""
-    seen_at: str = ""
+    seen_at: str | None = None
     """Where in the database's history the balances were read (opaque here): the apply checks a balance premise
-    as the balance read plus what was posted since."""
+    as the balance read plus what was posted since. None for a read inside a transaction, whose plan has no
+    balance premises (its users are locked)."""
 
 
 @dataclass(frozen=True, slots=True)

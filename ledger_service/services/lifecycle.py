@@ -68,13 +68,14 @@ MAX_GROUP = 100
 
 
 class LifecycleService:
-    def __init__(self, pool: Pool, settings: Settings) -> None:
+    def __init__(self, pool: Pool, settings: Settings, seen: lifecycle_db.SeenBalances | None = None) -> None:
         self.pool = pool
         self.settings = settings
+        self.seen = seen or lifecycle_db.SeenBalances()
+        """Pass the one whose `forget` the pool calls for each new connection (create_pool's on_connect)."""
         self._waiting: list[tuple[Operation, asyncio.Future[Result]]] = []
         self._groups_in_flight = 0
         self._group_tasks: set[asyncio.Task[None]] = set()
-        self.seen = lifecycle_db.SeenBalances()
 
     async def run_one(self, operation: Operation) -> Result:
         """One single call. With coalescing on, it joins the calls waiting while the process already has

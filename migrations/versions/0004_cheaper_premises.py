@@ -121,7 +121,10 @@ BEGIN
     END IF;
     SELECT jsonb_build_object(
         'now', clock_timestamp(),
-        'seen_at', pg_current_snapshot()::text,  -- the snapshot every balance below was read in
+        -- The snapshot every balance below was read in. Only outside a transaction that already has an id (a
+        -- locked read): such a snapshot leaves that transaction out of its in-progress list, as if it had
+        -- committed, so its own later postings would count as seen. None then: nothing is remembered from it.
+        'seen_at', CASE WHEN pg_current_xact_id_if_assigned() IS NULL THEN pg_current_snapshot()::text END,
         'requests', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
                 'request_id', r.request_id, 'kind', r.kind, 'status', r.status, 'user_id', r.user_id,
@@ -290,11 +293,14 @@ def _previous_definitions() -> str:
     assert spec.loader is not None
     previous = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(previous)
-    return "\n".join(
-        statement.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
-        for statement in statements(previous.UPGRADE)
-        if statement.startswith("CREATE FUNCTION") and statement.split()[2].split("(")[0] in _REPLACED
-    )
+    definitions = []
+    for statement in statements(previous.UPGRADE):
+        code = "\n".join(line for line in statement.splitlines() if not line.startswith("--"))  # leading comments
+        if code.startswith("CREATE FUNCTION") and code.split()[2].split("(")[0] in _REPLACED:
+            definitions.append(code.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1))
+    if len(definitions) != len(_REPLACED):
+        raise RuntimeError(f"revision 0003 defines {len(definitions)} of the {len(_REPLACED)} functions to restore")
+    return "\n".join(definitions)
 
 
 def upgrade() -> None:
