@@ -281,7 +281,7 @@ async def test_a_balance_read_again_is_the_one_seen_plus_what_its_snapshot_could
     key = ("user:1", LedgerName.QUOTA)
 
     async def both() -> tuple[int, int]:
-        assert "seen" in seen.annotate([["user:1", "quota"]])[0]  # the read is given what was seen
+        assert "seen" in seen.annotate([{"account": "user:1", "ledger": "quota"}])[0]  # the read is given what was seen
         again = await lifecycle_db.read(ledger.conn, operations, lock=False, seen=seen)
         full = await lifecycle_db.read(ledger.conn, operations, lock=False)
         return again.balances[key], full.balances[key]
@@ -300,12 +300,12 @@ def test_a_remembered_balance_is_read_in_full_again_once_its_chain_is_old() -> N
     balance = [lifecycle_db._Balance("user:1", "quota", 5)]
     fresh = lifecycle_db.SeenBalances(full_read_every=3600)
     fresh.remember(balance, "10:10:")
-    assert fresh.annotate([["user:1", "quota"]]) == [
+    assert fresh.annotate([{"account": "user:1", "ledger": "quota"}]) == [
         {"account": "user:1", "ledger": "quota", "seen": 5, "seen_at": "10:10:"}
     ]
     old = lifecycle_db.SeenBalances(full_read_every=-1)
     old.remember(balance, "10:10:")
-    assert old.annotate([["user:1", "quota"]]) == [{"account": "user:1", "ledger": "quota"}]
+    assert old.annotate([{"account": "user:1", "ledger": "quota"}]) == [{"account": "user:1", "ledger": "quota"}]
 
 
 async def test_a_balance_read_inside_a_transaction_with_an_id_is_not_remembered(

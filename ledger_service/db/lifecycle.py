@@ -20,8 +20,9 @@ import msgspec
 
 from ledger_service.db.engine import asyncpg_dsn
 from ledger_service.db.pricing import prices_of
+from ledger_service.db.requests import request_row
 from ledger_service.domain.accounts import Ledger
-from ledger_service.domain.lifecycle import RequestKind, RequestRow, RequestStatus
+from ledger_service.domain.lifecycle import RequestKind, RequestStatus
 from ledger_service.domain.planning import Operation, Plan, Snapshot, lock_targets, wanted
 from ledger_service.domain.pricing import Prices
 
@@ -84,9 +85,11 @@ class _Request(msgspec.Struct):
     channel_id: int | None
     charged: int | None
     late: bool
-    request_fingerprint: str
-    settle_fingerprint: str | None
-    refund_fingerprint: str | None
+    settled_prompt_tokens: int | None
+    completion_tokens: int | None
+    request_fingerprint: bytes  # base64 in the document
+    settle_fingerprint: bytes | None
+    refund_fingerprint: bytes | None
     created_at: datetime
     expires_at: datetime | None
 
@@ -144,42 +147,6 @@ _applied_decoder = msgspec.json.Decoder(_Applied)
 _encoder = msgspec.json.Encoder()
 
 
-def _unhex(value: str | None) -> bytes | None:
-    return None if value is None else bytes.fromhex(value)
-
-
-def _row(r: _Request, now: datetime) -> RequestRow:
-    return RequestRow(
-        request_id=r.request_id,
-        kind=RequestKind(r.kind),
-        status=RequestStatus(r.status),
-        user_id=r.user_id,
-        token_id=r.token_id,
-        token_limited=r.token_limited,
-        group=r.group_name,
-        model=r.model,
-        prompt_tokens=r.prompt_tokens,
-        max_tokens=r.max_tokens,
-        amount=r.amount,
-        trusted=r.trusted,
-        prices=Prices(
-            model_ratio=r.model_ratio,
-            completion_ratio=r.completion_ratio,
-            group_ratio=r.group_ratio,
-            model_price=r.model_price,
-        ),
-        channel_id=r.channel_id,
-        charged=r.charged,
-        late=r.late,
-        request_fingerprint=bytes.fromhex(r.request_fingerprint),
-        settle_fingerprint=_unhex(r.settle_fingerprint),
-        refund_fingerprint=_unhex(r.refund_fingerprint),
-        created_at=r.created_at,
-        expires_at=r.expires_at,
-        read_at=now,
-    )
-
-
 class SeenBalances:
     """The balances this process read last, each with the database snapshot it was read in (at most `capacity`,
     the least recently read forgotten first).
@@ -203,17 +170,17 @@ class SeenBalances:
     def __len__(self) -> int:
         return len(self._seen)
 
-    def annotate(self, accounts: list[list[str]]) -> list[dict[str, Any]]:
-        """The read's `accounts` argument: each [account, ledger] as an object, with `seen` and `seen_at` if seen
-        (and its chain not due for a full read)."""
-        annotated: list[dict[str, Any]] = []
+    def annotate(self, accounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The read's `accounts` argument ({account, ledger} each), with `seen` and `seen_at` added where a balance
+        was seen (and its chain is not due for a full read)."""
         now = time.monotonic()
-        for account, ledger in accounts:
-            seen = self._seen.get((account, ledger))
+        annotated: list[dict[str, Any]] = []
+        for wanted_account in accounts:
+            seen = self._seen.get((wanted_account["account"], wanted_account["ledger"]))
             if seen is None or now - seen[2] > self.full_read_every:
-                annotated.append({"account": account, "ledger": ledger})
+                annotated.append(wanted_account)
             else:
-                annotated.append({"account": account, "ledger": ledger, "seen": seen[0], "seen_at": seen[1]})
+                annotated.append(wanted_account | {"seen": seen[0], "seen_at": seen[1]})
         return annotated
 
     def remember(self, balances: list[_Balance], seen_at: str) -> None:
@@ -241,7 +208,8 @@ async def read(
     if lock:
         users, moved = lock_targets(operations)
         want.update(lock=True, lock_users=users, lock_requests=moved)
-    want["accounts"] = (seen or SeenBalances(capacity=0)).annotate(want["accounts"])
+    if seen is not None:
+        want["accounts"] = seen.annotate(want["accounts"])
     found = _snapshot_decoder.decode(
         await conn.fetchval("SELECT ledger_lifecycle_read($1::jsonb)", _encoder.encode(want).decode())
     )
@@ -259,7 +227,9 @@ async def read(
 
     return Snapshot(
         now=found.now,
-        requests={r.request_id: _row(r, found.now) for r in found.requests},
+        requests={
+            r.request_id: request_row(msgspec.structs.asdict(r) | {"read_at": found.now}) for r in found.requests
+        },
         tokens={t.token_id: (t.user_id, t.unlimited) for t in found.tokens},
         balances={(b.account, Ledger(b.ledger)): b.balance for b in found.balances},
         prices=prices,

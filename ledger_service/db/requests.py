@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -19,7 +20,8 @@ def _bytes(value: Any) -> bytes | None:
     return None if value is None else bytes(value)
 
 
-def _row(m: Any) -> RequestRow:
+def request_row(m: Mapping[Any, Any]) -> RequestRow:
+    """A request row from its columns (and `read_at`, the database clock when it was read)."""
     return RequestRow(
         request_id=m["request_id"],
         kind=RequestKind(m["kind"]),
@@ -56,7 +58,7 @@ def _row(m: Any) -> RequestRow:
 async def get(conn: AsyncConnection, request_id: str) -> RequestRow | None:
     query = select(tables.requests, _READ_AT).where(tables.requests.c.request_id == request_id)
     found = (await conn.execute(query)).mappings().first()
-    return None if found is None else _row(found)
+    return None if found is None else request_row(found)
 
 
 async def resolve(conn: AsyncConnection, request_id: str, **changes: Any) -> RequestRow:
@@ -73,7 +75,7 @@ async def resolve(conn: AsyncConnection, request_id: str, **changes: Any) -> Req
         .mappings()
         .one()
     )
-    return _row(updated)
+    return request_row(updated)
 
 
 async def held_by(conn: AsyncConnection, *, user_id: int | None = None, token_id: int | None = None) -> int:
@@ -97,7 +99,7 @@ async def lock_due_holds(conn: AsyncConnection, *, limit: int) -> list[RequestRo
         ),
         {"limit": limit},
     )
-    return [_row(m) for m in result.mappings()]
+    return [request_row(m) for m in result.mappings()]
 
 
 async def overdue_seconds(conn: AsyncConnection) -> float:

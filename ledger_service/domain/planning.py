@@ -161,7 +161,7 @@ def wanted(operations: list[Operation]) -> dict[str, list[Any]]:
     return {
         "request_ids": sorted(request_ids),
         "token_ids": sorted(token_ids),
-        "accounts": [list(pair) for pair in sorted(accounts_wanted)],
+        "accounts": [{"account": account, "ledger": ledger} for account, ledger in sorted(accounts_wanted)],
         "models": sorted(models),
         "groups": sorted(groups),
     }
