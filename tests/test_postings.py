@@ -89,6 +89,16 @@ def test_a_draft_that_does_not_balance_cannot_be_built() -> None:
         EntryDraft(EntryKind.TOPUP, (Posting(Q, "user:1", 5), Posting(A, "token:1", -5)))
     with pytest.raises(UnbalancedEntry, match="twice"):
         EntryDraft(EntryKind.TOPUP, (Posting(Q, "user:1", 5), Posting(Q, "user:1", -5)))
+    with pytest.raises(UnbalancedEntry, match="twice"):  # not adjacent as given: the check runs on sorted postings
+        EntryDraft(EntryKind.TOPUP, (Posting(Q, "user:1", 5), Posting(Q, "user:0", 0 - 10), Posting(Q, "user:1", 5)))
+    with pytest.raises(UnbalancedEntry, match="out of range"):
+        EntryDraft(EntryKind.TOPUP, (Posting(Q, "user:1", 10**15 + 1), Posting(Q, "system:issuance", -(10**15 + 1))))
+    # The same account in both ledgers is two postings, not one posted twice.
+    both = EntryDraft(
+        EntryKind.HOLD,
+        (Posting(Q, "hold:r", 5), Posting(Q, "user:1", -5), Posting(A, "hold:r", 5), Posting(A, "token:1", -5)),
+    )
+    assert len(both.postings) == 4
 
 
 def test_content_hash_changes_with_any_posting() -> None:

@@ -13,7 +13,6 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusController
 
-from ledger_service.api.auth import require_role
 from ledger_service.api.controllers.accounts import AccountController
 from ledger_service.api.controllers.api_keys import ApiKeyController
 from ledger_service.api.controllers.batch import BatchController
@@ -23,7 +22,7 @@ from ledger_service.api.controllers.health import HealthController
 from ledger_service.api.controllers.pricing import PricingController
 from ledger_service.api.controllers.reports import AccountsController, ReportsController
 from ledger_service.api.controllers.requests import ConsumptionController, HoldController
-from ledger_service.api.middleware import access_log_middleware, check_request
+from ledger_service.api.middleware import access_log_middleware, admit_request
 from ledger_service.api.problems import handle_exception
 from ledger_service.api.ratelimit import RateLimiter
 from ledger_service.db.engine import create_engine
@@ -119,9 +118,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     v1 = Router(
         path="/v1",
-        guards=[require_role],
         security=[{"BearerAuth": []}],
-        before_request=check_request,
+        before_request=admit_request,
         route_handlers=[
             HoldController,
             ConsumptionController,

@@ -12,6 +12,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import Gauge
 
 from ledger_service import metrics
+from ledger_service.api.auth import require_role
 from ledger_service.domain import errors
 from ledger_service.observability import log_request, request_id_var
 
@@ -80,6 +81,13 @@ def access_log_middleware(app: ASGIApp) -> ASGIApp:
             log_request(method, route, status, started, getattr(principal, "key_id", None))
 
     return middleware
+
+
+async def admit_request(request: Request[Any, Any, Any]) -> None:
+    """The `/v1` routes' before-request hook: who calls and whether its role may (401, 429, 403), then the shape of
+    the request (400, 415), all before the body is read."""
+    await require_role(request)
+    await check_request(request)
 
 
 async def check_request(request: Request[Any, Any, Any]) -> None:

@@ -61,19 +61,20 @@ class EntryDraft:
     details: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        postings = tuple(sorted(p for p in self.postings if p.amount != 0))
+        postings = tuple(sorted([p for p in self.postings if p.amount != 0]))
         object.__setattr__(self, "postings", postings)
-        seen: set[tuple[Ledger, str]] = set()
+        # Sorted by ledger, then account: a ledger's postings are consecutive, and so are an account's.
         totals: dict[Ledger, int] = {}
-        for posting in postings:
-            if (posting.ledger, posting.account) in seen:
-                raise UnbalancedEntry(f"{posting.account} is posted twice in {posting.ledger}")
-            seen.add((posting.ledger, posting.account))
-            if abs(posting.amount) > MAX_AMOUNT:
-                raise UnbalancedEntry(f"posting of {posting.amount} to {posting.account} is out of range")
-            totals[posting.ledger] = totals.get(posting.ledger, 0) + posting.amount
-        unbalanced = {ledger: total for ledger, total in totals.items() if total != 0}
-        if unbalanced:
+        previous: tuple[Ledger, str] | None = None
+        for ledger, account, amount in postings:
+            if (ledger, account) == previous:
+                raise UnbalancedEntry(f"{account} is posted twice in {ledger}")
+            previous = (ledger, account)
+            if not -MAX_AMOUNT <= amount <= MAX_AMOUNT:
+                raise UnbalancedEntry(f"posting of {amount} to {account} is out of range")
+            totals[ledger] = totals.get(ledger, 0) + amount
+        if any(totals.values()):
+            unbalanced = {ledger: total for ledger, total in totals.items() if total != 0}
             raise UnbalancedEntry(f"{self.kind} entry does not balance: {unbalanced}")
 
     def content_hash(self) -> bytes:

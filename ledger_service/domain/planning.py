@@ -12,11 +12,10 @@ trace in the plan (a non-atomic batch answers it and goes on).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from ledger_service.domain import accounts, errors
 from ledger_service.domain.accounts import Ledger
@@ -76,8 +75,7 @@ class Snapshot:
     balance premises (its users are locked)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Planned:
+class Planned(NamedTuple):
     """The answer an operation gets if its plan is applied: the request after it, and how it came about."""
 
     row: RequestRow
@@ -274,7 +272,7 @@ class Planner:
         """Record a lifecycle step of a request; a request that existed before the plan becomes a premise."""
         if row.request_id not in self.plan.new_requests and row.request_id not in self.plan.expect_requests:
             self.plan.expect_requests[row.request_id] = row.status
-        moved = dataclasses.replace(row, **changes)
+        moved = row._replace(**changes)
         self.plan.requests[row.request_id] = moved
         return moved
 

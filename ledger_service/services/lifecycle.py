@@ -11,7 +11,6 @@ Serialization failures and deadlocks re-run the whole attempt; the connection's 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
 from collections.abc import Callable
@@ -187,5 +186,4 @@ def _with_times(result: Result, created: dict[str, tuple[datetime, datetime | No
     if not isinstance(result, Planned) or result.row.request_id not in created:
         return result
     created_at, expires_at = created[result.row.request_id]
-    row = dataclasses.replace(result.row, created_at=created_at, expires_at=expires_at)
-    return dataclasses.replace(result, row=row)
+    return Planned(result.row._replace(created_at=created_at, expires_at=expires_at), result.created, result.replayed)
