@@ -73,3 +73,27 @@ async def test_each_revision_downgrades_to_working_functions(empty_database: str
             assert (settings is None) is (revision == "0003")
         finally:
             await conn.close()
+
+
+async def test_lifecycle_functions_plan_generically_from_0005(empty_database: str) -> None:
+    """0005 gives each lifecycle function generic plans (kept per session, not made again per call), next to
+    0004's `enable_seqscan = off`; its downgrade takes away only what it added."""
+    query = "SELECT proname, proconfig FROM pg_proc WHERE proname = ANY ($1) ORDER BY proname"
+    names = ["ledger_balances", "ledger_check_posted_entries", "ledger_lifecycle_apply", "ledger_lifecycle_read",
+             "ledger_lock_plan"]  # fmt: skip
+    await asyncio.to_thread(migrate, empty_database)
+    for revision, generic in (("0005", True), ("0004", False), ("0005", True)):
+        if revision == "0004":
+            await asyncio.to_thread(command.downgrade, alembic_config(empty_database), revision)
+        else:
+            await asyncio.to_thread(command.upgrade, alembic_config(empty_database), revision)
+        conn = await asyncpg.connect(empty_database)
+        try:
+            rows = await conn.fetch(query, names)
+        finally:
+            await conn.close()
+        assert [row["proname"] for row in rows] == names
+        for row in rows:
+            settings = set(row["proconfig"])
+            assert "enable_seqscan=off" in settings
+            assert ("plan_cache_mode=force_generic_plan" in settings) is generic, (revision, row["proname"])
