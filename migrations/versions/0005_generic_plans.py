@@ -8,7 +8,7 @@ PL/pgSQL caches a plan per statement, but a statement with parameters (the plan 
 planned again on every call until the plan cache judges a generic plan no worse; the lifecycle's statements kept
 getting custom plans, so every call paid the planner for each of them. Their plans do not depend on the values:
 every row is found by key, with sequential scans already off (0004). `force_generic_plan` makes the plan cache
-keep one plan per statement and session. A one-hold apply spent about a tenth of its server time in the planner
+keep one plan per statement and session. A one-hold apply spent a visible share of its server time in the planner
 before this (docs/performance.md).
 """
 
