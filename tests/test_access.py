@@ -212,7 +212,7 @@ async def call(ledger: Ledger, route: Route, headers: dict[str, str], path: str)
 @pytest.mark.parametrize("route", ROUTES, ids=[route.label for route in ROUTES])
 async def test_access_matrix(app: Litestar, ledger: Ledger, callers: dict[str, dict[str, str]], route: Route) -> None:
     """Bad or missing keys -> 401 unauthorized, a role the route does not admit -> 403 forbidden, both writing
-    nothing; an admitted role gets past the guard (whatever the handler then answers, it is not 401/403/5xx)."""
+    nothing; an admitted role gets past the key check (whatever the handler then answers, it is not 401/403/5xx)."""
     assert is_served(app, route), f"{route.label} is in the contract, but the app serves no such route"
     path = route.path
     if KEY_TO_DELETE in path:
@@ -398,3 +398,34 @@ async def test_invalid_role_or_name_is_refused(ledger: Ledger) -> None:
             failures.append(f"{label}: {str(error).splitlines()[0]}")
     assert failures == []
     assert before == await db_state(ledger)
+
+
+def test_an_app_whose_v1_route_skips_the_key_check_is_refused() -> None:
+    """The key check is the /v1 router's before-request hook, and Litestar runs only the closest layer's hook: a
+    controller or handler declaring its own would replace it. Building such an app fails instead of serving it
+    unguarded."""
+    from litestar import Controller, Litestar, Request, Router, get
+
+    from ledger_service.api.app import _require_admission
+    from ledger_service.api.middleware import admit_request
+
+    async def own_hook(request: Request[Any, Any, Any]) -> None:
+        return None
+
+    class Careless(Controller):
+        path = "/careless"
+
+        @get("/", before_request=own_hook)
+        async def careless(self) -> str:
+            return "unguarded"
+
+    class Careful(Controller):
+        path = "/careful"
+
+        @get("/")
+        async def careful(self) -> str:
+            return "guarded"
+
+    _require_admission(Litestar([Router("/v1", before_request=admit_request, route_handlers=[Careful])]))
+    with pytest.raises(RuntimeError, match="/v1/careless"):
+        _require_admission(Litestar([Router("/v1", before_request=admit_request, route_handlers=[Careful, Careless])]))

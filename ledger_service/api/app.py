@@ -133,7 +133,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ReportsController,
         ],
     )
-    return Litestar(
+    app = Litestar(
         route_handlers=[HealthController, MetricsController, v1],
         middleware=[access_log_middleware],
         request_max_body_size=settings.max_body_bytes,
@@ -162,3 +162,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ),
         ),
     )
+    _require_admission(app)
+    return app
+
+
+def _require_admission(app: Litestar) -> None:
+    """Refuse to build an app in which a `/v1` route skips the key check. The check is the `/v1` router's
+    before-request hook, and Litestar runs only the closest layer's hook: a controller or handler that declared
+    its own would silently replace it (guards, by contrast, add up across layers)."""
+    for route in app.routes:
+        if not route.path.startswith("/v1"):
+            continue
+        for handler in getattr(route, "route_handlers", []):
+            if handler.resolve_before_request() is not admit_request:
+                raise RuntimeError(f"{route.path} does not run admit_request before its handler")
