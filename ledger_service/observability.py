@@ -89,25 +89,58 @@ _access_encoder = msgspec.json.Encoder()
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+def _direct_handler() -> logging.StreamHandler[Any] | None:
+    """configure_logging's handler, if an access record would reach it and only it, through its own filter alone
+    (nothing reconfigured since: no other handler, filter or level on the way). None otherwise."""
+    handler = _access_handler
+    if handler is None or logging.root.handlers != [handler] or len(handler.filters) != 1:
+        return None
+    if handler.level > logging.INFO or access_log.filters or not access_log.isEnabledFor(logging.INFO):
+        return None
+    logger: logging.Logger | None = access_log
+    while logger is not None and logger is not logging.root:
+        if logger.handlers or not logger.propagate:
+            return None
+        logger = logger.parent
+    return handler
+
+
 def log_request(method: str, route: str, status: int, started: float, key_id: int | None) -> None:
     """One line per request: what was called, by which key, how it ended and how long it took.
 
-    Once configure_logging has set up the handler, the line is written to it directly, in the same format as a
-    record through the logging machinery would be: a record, its filters and the formatter cost several times the
-    line itself on every request, and every field here is known to hold no secret. Otherwise (the app embedded in
-    another process) it goes through the `ledger_service.access` logger as usual.
+    While configure_logging's handler is the only place the line would go, the line is written to it directly, in
+    the same format as a record through the logging machinery: a record, its filters and the formatter cost
+    several times the line itself on every request, and the redacting filter has nothing to do here (the method
+    is redacted below; the route is a template, the request_id matches the request_id rule, the rest are numbers).
+    Otherwise (logging reconfigured, the app embedded in another process), and if the write fails, the line goes
+    through the `ledger_service.access` logger as usual, whose handlers deal with their own errors.
     """
     duration_ms = round((time.perf_counter() - started) * 1000, 3)
     if method not in _METHODS:  # the one field a client writes freely
         method = redact(method)
     message = f"{method} {route} {status}"
-    handler = _access_handler
-    if handler is None or not access_log.isEnabledFor(logging.INFO):
-        fields: dict[str, Any] = {"method": method, "route": route, "status": status, "duration_ms": duration_ms}
-        if key_id is not None:
-            fields["key_id"] = key_id
-        access_log.info("%s", message, extra={"fields": fields})
-        return
+    handler = _direct_handler()
+    if handler is not None:
+        try:
+            _write_access_line(handler, message, method, route, status, duration_ms, key_id)
+            return
+        except Exception:  # noqa: S110 - a closed or broken stream: the logger below reports it its own way
+            pass
+    fields: dict[str, Any] = {"method": method, "route": route, "status": status, "duration_ms": duration_ms}
+    if key_id is not None:
+        fields["key_id"] = key_id
+    access_log.info("%s", message, extra={"fields": fields})
+
+
+def _write_access_line(
+    handler: logging.StreamHandler[Any],
+    message: str,
+    method: str,
+    route: str,
+    status: int,
+    duration_ms: float,
+    key_id: int | None,
+) -> None:
     now = time.time()
     if _access_as_json:
         document: dict[str, Any] = {

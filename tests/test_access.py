@@ -404,7 +404,8 @@ def test_an_app_whose_v1_route_skips_the_key_check_is_refused() -> None:
     """The key check is the /v1 router's before-request hook, and Litestar runs only the closest layer's hook: a
     controller or handler declaring its own would replace it. Building such an app fails instead of serving it
     unguarded."""
-    from litestar import Controller, Litestar, Request, Router, get
+    from litestar import Controller, Litestar, Request, Router, WebSocket, asgi, get, websocket
+    from litestar.types import Receive, Scope, Send
 
     from ledger_service.api.app import _require_admission
     from ledger_service.api.middleware import admit_request
@@ -429,3 +430,15 @@ def test_an_app_whose_v1_route_skips_the_key_check_is_refused() -> None:
     _require_admission(Litestar([Router("/v1", before_request=admit_request, route_handlers=[Careful])]))
     with pytest.raises(RuntimeError, match="/v1/careless"):
         _require_admission(Litestar([Router("/v1", before_request=admit_request, route_handlers=[Careful, Careless])]))
+
+    @websocket("/socket")
+    async def socket(socket: WebSocket[Any, Any, Any]) -> None:
+        await socket.close()
+
+    @asgi("/raw", copy_scope=True)
+    async def raw(scope: Scope, receive: Receive, send: Send) -> None:
+        return None
+
+    for unguardable in (socket, raw):  # the hook never runs for these route types
+        with pytest.raises(RuntimeError, match="not an HTTP route"):
+            _require_admission(Litestar([Router("/v1", before_request=admit_request, route_handlers=[unguardable])]))

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import time
+from collections.abc import Iterator
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ledger_service import observability
 from ledger_service.observability import JsonFormatter, RedactingFilter, redact
 from ledger_service.services.audit import AuditService
 from ledger_service.services.housekeeping import Housekeeping
@@ -149,3 +154,53 @@ async def test_metrics_add_up_across_worker_processes(database_url: str) -> None
     finally:
         await service.stop()
         service.close()
+
+
+@pytest.fixture
+def logging_restored() -> Iterator[None]:
+    """configure_logging changes the root logger and the module's handler: put both back afterwards."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, observability._access_handler, observability._access_as_json)
+    try:
+        yield
+    finally:
+        root.handlers, observability._access_handler, observability._access_as_json = saved[0], saved[2], saved[3]
+        root.setLevel(saved[1])
+        observability.access_log.filters.clear()
+
+
+def test_access_lines_follow_the_logging_configuration(
+    logging_restored: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The direct write is only a shortcut to configure_logging's handler: after logging is reconfigured, a filter
+    on the access logger, or a broken stream, the line goes through the logging machinery instead."""
+    observability.configure_logging("json")
+    observability.log_request("POST", "/v1/holds", 201, time.perf_counter(), 3)
+    (line,) = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
+    assert (line["logger"], line["message"], line["key_id"]) == ("ledger_service.access", "POST /v1/holds 201", 3)
+
+    dropped: list[logging.LogRecord] = []
+
+    def drop(record: logging.LogRecord) -> bool:
+        dropped.append(record)
+        return False
+
+    observability.access_log.addFilter(drop)
+    observability.log_request("GET", "/v1/users/{user_id}", 200, time.perf_counter(), 3)
+    assert len(dropped) == 1
+    assert capsys.readouterr().err == ""
+    observability.access_log.filters.clear()
+
+    elsewhere = io.StringIO()
+    logging.getLogger().handlers = [logging.StreamHandler(elsewhere)]  # reconfigured by someone else
+    observability.log_request("GET", "/v1/users/{user_id}", 200, time.perf_counter(), 3)
+    assert elsewhere.getvalue() == "GET /v1/users/{user_id} 200\n"
+    assert capsys.readouterr().err == ""
+
+    observability.configure_logging("json")
+    assert observability._access_handler is not None
+    broken = io.StringIO()
+    broken.close()
+    observability._access_handler.setStream(broken)
+    observability.log_request("GET", "/v1/users/{user_id}", 200, time.perf_counter(), 3)  # does not raise
+    assert "Logging error" in capsys.readouterr().err  # the handler reported it, as for any other record

@@ -12,6 +12,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusController
+from litestar.routes import HTTPRoute
 
 from ledger_service.api.controllers.accounts import AccountController
 from ledger_service.api.controllers.api_keys import ApiKeyController
@@ -169,10 +170,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
 def _require_admission(app: Litestar) -> None:
     """Refuse to build an app in which a `/v1` route skips the key check. The check is the `/v1` router's
     before-request hook, and Litestar runs only the closest layer's hook: a controller or handler that declared
-    its own would silently replace it (guards, by contrast, add up across layers)."""
+    its own would silently replace it (guards, by contrast, add up across layers), and WebSocket and ASGI routes never
+    run it."""
     for route in app.routes:
         if not route.path.startswith("/v1"):
             continue
-        for handler in getattr(route, "route_handlers", []):
+        if not isinstance(route, HTTPRoute):  # before-request hooks run for HTTP routes only
+            raise RuntimeError(f"{route.path} is not an HTTP route: nothing would check its key")
+        for handler in route.route_handlers:
             if handler.resolve_before_request() is not admit_request:
                 raise RuntimeError(f"{route.path} does not run admit_request before its handler")
