@@ -67,8 +67,8 @@ def configure_logging(log_format: str, level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers = [handler]
-    global _access_handler, _access_as_json
-    _access_handler, _access_as_json = handler, log_format == "json"
+    global _access_handler
+    _access_handler = handler
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error", "litestar"):
         logging.getLogger(name).handlers = []
@@ -84,16 +84,17 @@ access_log = logging.getLogger("ledger_service.access")
 
 _access_handler: logging.StreamHandler[Any] | None = None
 """Set by configure_logging: the handler access lines are written to directly (see log_request)."""
-_access_as_json = True
 _access_encoder = msgspec.json.Encoder()
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def _direct_handler() -> logging.StreamHandler[Any] | None:
-    """configure_logging's handler, if an access record would reach it and only it, through its own filter alone
-    (nothing reconfigured since: no other handler, filter or level on the way). None otherwise."""
+    """configure_logging's handler, if it writes JSON and an access record would reach it and only it, through its
+    own filter alone (nothing reconfigured since: no other handler, filter or level on the way). None otherwise."""
     handler = _access_handler
     if handler is None or logging.root.handlers != [handler] or len(handler.filters) != 1:
+        return None
+    if type(handler.formatter) is not JsonFormatter:  # text lines are for people at a terminal: the usual way
         return None
     if handler.level > logging.INFO or access_log.filters or not access_log.isEnabledFor(logging.INFO):
         return None
@@ -108,12 +109,13 @@ def _direct_handler() -> logging.StreamHandler[Any] | None:
 def log_request(method: str, route: str, status: int, started: float, key_id: int | None) -> None:
     """One line per request: what was called, by which key, how it ended and how long it took.
 
-    While configure_logging's handler is the only place the line would go, the line is written to it directly, in
-    the same format as a record through the logging machinery: a record, its filters and the formatter cost
-    several times the line itself on every request, and the redacting filter has nothing to do here (the method
-    is redacted below; the route is a template, the request_id matches the request_id rule, the rest are numbers).
-    Otherwise (logging reconfigured, the app embedded in another process), and if the write fails, the line goes
-    through the `ledger_service.access` logger as usual, whose handlers deal with their own errors.
+    While configure_logging's JSON handler is the only place the line would go, the line is written to it
+    directly, as the same JSON object a record through the logging machinery would give: a record, its filters and
+    the formatter cost several times the line itself on every request, and the redacting filter has nothing to do
+    here (the method is redacted below; the route is a template, the request_id matches the request_id rule, the
+    rest are numbers). Otherwise (text logs, logging reconfigured, the app embedded in another process), and if
+    the write fails, the line goes through the `ledger_service.access` logger as usual, whose handlers deal with
+    their own errors.
     """
     duration_ms = round((time.perf_counter() - started) * 1000, 3)
     if method not in _METHODS:  # the one field a client writes freely
@@ -141,24 +143,20 @@ def _write_access_line(
     duration_ms: float,
     key_id: int | None,
 ) -> None:
-    now = time.time()
-    if _access_as_json:
-        document: dict[str, Any] = {
-            "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
-            "level": "info",
-            "logger": access_log.name,
-            "message": message,
-        }
-        request_id = request_id_var.get()
-        if request_id is not None:
-            document["request_id"] = request_id
-        document.update(method=method, route=route, status=status, duration_ms=duration_ms)
-        if key_id is not None:
-            document["key_id"] = key_id
-        line = _access_encoder.encode(document).decode()
-    else:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        line = f"{stamp},{int(now * 1000) % 1000:03d} INFO {access_log.name}: {message}"
+    """The access line as JsonFormatter writes a record with these `fields` (same keys, same order)."""
+    document: dict[str, Any] = {
+        "time": datetime.fromtimestamp(time.time(), UTC).isoformat(timespec="milliseconds"),
+        "level": "info",
+        "logger": access_log.name,
+        "message": message,
+    }
+    request_id = request_id_var.get()
+    if request_id is not None:
+        document["request_id"] = request_id
+    document.update(method=method, route=route, status=status, duration_ms=duration_ms)
+    if key_id is not None:
+        document["key_id"] = key_id
+    line = _access_encoder.encode(document).decode()
     handler.acquire()
     try:
         handler.stream.write(line + handler.terminator)

@@ -160,11 +160,11 @@ async def test_metrics_add_up_across_worker_processes(database_url: str) -> None
 def logging_restored() -> Iterator[None]:
     """configure_logging changes the root logger and the module's handler: put both back afterwards."""
     root = logging.getLogger()
-    saved = (root.handlers[:], root.level, observability._access_handler, observability._access_as_json)
+    saved = (root.handlers[:], root.level, observability._access_handler)
     try:
         yield
     finally:
-        root.handlers, observability._access_handler, observability._access_as_json = saved[0], saved[2], saved[3]
+        root.handlers, observability._access_handler = saved[0], saved[2]
         root.setLevel(saved[1])
         observability.access_log.filters.clear()
 
@@ -178,6 +178,14 @@ def test_access_lines_follow_the_logging_configuration(
     observability.log_request("POST", "/v1/holds", 201, time.perf_counter(), 3)
     (line,) = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
     assert (line["logger"], line["message"], line["key_id"]) == ("ledger_service.access", "POST /v1/holds 201", 3)
+    observability.access_log.addFilter(lambda record: True)  # any filter: the line takes the logging path
+    observability.log_request("POST", "/v1/holds", 201, time.perf_counter(), 3)
+    (through_logging,) = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
+    observability.access_log.filters.clear()
+    assert list(through_logging) == list(line)  # the same keys in the same order
+    assert {k: v for k, v in through_logging.items() if k not in ("time", "duration_ms")} == {
+        k: v for k, v in line.items() if k not in ("time", "duration_ms")
+    }
 
     dropped: list[logging.LogRecord] = []
 
@@ -204,3 +212,7 @@ def test_access_lines_follow_the_logging_configuration(
     observability._access_handler.setStream(broken)
     observability.log_request("GET", "/v1/users/{user_id}", 200, time.perf_counter(), 3)  # does not raise
     assert "Logging error" in capsys.readouterr().err  # the handler reported it, as for any other record
+
+    observability.configure_logging("text")  # text lines always go through the formatter
+    observability.log_request("GET", "/v1/users/{user_id}", 200, time.perf_counter(), 3)
+    assert capsys.readouterr().err.endswith(" INFO ledger_service.access: GET /v1/users/{user_id} 200\n")

@@ -1,5 +1,5 @@
-"""ASGI middleware: one structured access-log line and the HTTP metrics per request, and the hook that requires
-JSON bodies."""
+"""ASGI middleware: one structured access-log line and the HTTP metrics per request; and the `/v1` before-request
+hook: the key check (api/auth.py), then unknown query parameters and non-JSON bodies refused."""
 
 from __future__ import annotations
 

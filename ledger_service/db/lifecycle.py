@@ -188,8 +188,9 @@ class SeenBalances:
         for balance in balances:
             key = (balance.account, balance.ledger)
             before = self._seen.get(key)
-            chained = before is not None and now - before[2] <= self.full_read_every
-            self._seen[key] = (balance.balance, seen_at, before[2] if before is not None and chained else now)
+            # A read brought up to date from a remembered balance continues its chain; a full read starts one.
+            started = before[2] if before is not None and now - before[2] <= self.full_read_every else now
+            self._seen[key] = (balance.balance, seen_at, started)
             self._seen.move_to_end(key)
         while len(self._seen) > self.capacity:
             self._seen.popitem(last=False)
