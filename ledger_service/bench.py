@@ -472,7 +472,7 @@ class Options:
     duration: float = 10.0
     runs: int = 3
     workers: int = 1
-    coalesce_groups: int = 4
+    coalesce_groups: int = 1
     """LEDGER_COALESCE_GROUPS of the service under test."""
     read_postings: int = 1_000_000
     scenarios: tuple[str, ...] = ("single", "batch", "hot", "reads")

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=3, help="runs per scenario; medians are reported")
     bench.add_argument("--workers", type=int, default=1, help="service worker processes")
     bench.add_argument(
-        "--coalesce-groups", type=int, default=4, help="LEDGER_COALESCE_GROUPS of the service (0: no coalescing)"
+        "--coalesce-groups", type=int, default=1, help="LEDGER_COALESCE_GROUPS of the service (0: no coalescing)"
     )
     bench.add_argument("--read-postings", type=int, default=1_000_000, help="postings of the large account")
     bench.add_argument("--scenarios", default="single,batch,hot,reads", help="comma-separated subset to run")

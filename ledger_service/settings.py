@@ -117,7 +117,7 @@ class Settings:
     workers: int = 1
     """LEDGER_WORKERS: HTTP worker processes `serve` starts (each with its own pool)."""
 
-    coalesce_groups: int = 4
+    coalesce_groups: int = 1
     """LEDGER_COALESCE_GROUPS: how many groups of concurrent single lifecycle calls (holds, settlements, refunds,
     consumptions) each process applies at once. Calls that arrive while that many groups are in flight wait and
     are planned and committed together, as one batch of independent operations (docs/design.md). 0 turns
@@ -158,7 +158,7 @@ class Settings:
             sweep_interval_seconds=_int(env, "LEDGER_SWEEP_INTERVAL_SECONDS", 5, minimum=1, maximum=86400),
             pool_size=_int(env, "LEDGER_POOL_SIZE", 20, minimum=1, maximum=1000),
             workers=_int(env, "LEDGER_WORKERS", 1, minimum=1, maximum=64),
-            coalesce_groups=_int(env, "LEDGER_COALESCE_GROUPS", 4, minimum=0, maximum=1000),
+            coalesce_groups=_int(env, "LEDGER_COALESCE_GROUPS", 1, minimum=0, maximum=1000),
             max_body_bytes=_int(env, "LEDGER_MAX_BODY_BYTES", 1_048_576, minimum=1024, maximum=1 << 30),
             rate_limit_per_second=_float(env, "LEDGER_RATE_LIMIT_PER_SECOND", 0.0, minimum=0.0, maximum=1e6),
             rate_limit_burst=_int(env, "LEDGER_RATE_LIMIT_BURST", 0, minimum=0, maximum=10**6),

@@ -76,6 +76,11 @@ class LifecycleService:
         self._groups_in_flight = 0
         self._group_tasks: set[asyncio.Task[None]] = set()
 
+    @property
+    def groups_in_flight(self) -> int:
+        """How many groups of single calls this process is applying now (at most `coalesce_groups`)."""
+        return self._groups_in_flight
+
     async def run_one(self, operation: Operation) -> Result:
         """One single call. With coalescing on, it joins the calls waiting while the process already has
         `coalesce_groups` groups in flight, and is planned and committed with them; alone, it goes at once."""
