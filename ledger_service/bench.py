@@ -6,6 +6,8 @@ What it does, in one run:
 2. runs each scenario for --duration seconds from --clients concurrent relays, --runs times:
    - single:  one HTTP call per ledger operation (hold then settle 90%, hold then refund 5%, consumption 5%);
    - batch:   the same operations through POST /v1/batch, 100 per batch;
+   - direct:  the batches without HTTP: this process plans and applies them with the service's own code
+              (LifecycleService), so the service's HTTP layer is out of the measurement: the batch path's ceiling;
    - hot:     single operations, every settlement to one channel (compare with `single`, spread over channels);
    - reads:   GET /v1/users/{id} for an account with 1,000 postings and one with 1,000,000;
 3. runs pgbench's built-in TPC-B (`pgbench -c 16 -j 2 -T <duration>`) against the same server after each run;
@@ -33,9 +35,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from ledger_service.db.lifecycle import Pool
+    from ledger_service.services.batch import BatchService
 
 BATCH_SIZE = 100
+MEASURED = ("single", "batch", "hot", "direct")
+"""The scenarios measured against pgbench, in the order they run; `reads` runs last, on a database of its own."""
 PGBENCH_CLIENTS = 16
 
 
@@ -164,8 +176,8 @@ class Workload:
 class Relay:
     """One relay client: its own connection, request ids and random choices."""
 
-    def __init__(self, connection: HttpConnection, number: int, workload: Workload, run: str) -> None:
-        self.http = connection
+    def __init__(self, connection: HttpConnection | None, number: int, workload: Workload, run: str) -> None:
+        self.connection = connection
         self.number = number
         self.workload = workload
         self.rng = random.Random(f"{run}-{number}")
@@ -191,6 +203,12 @@ class Relay:
     def settle_body(self, channel: int) -> dict[str, Any]:
         return {"channel_id": channel, "prompt_tokens": 300, "completion_tokens": self.rng.randrange(0, 800)}
 
+    @property
+    def http(self) -> HttpConnection:
+        if self.connection is None:
+            raise RuntimeError("this relay plans in process (the direct scenario): it has no HTTP connection")
+        return self.connection
+
     async def call(self, tally: Tally, method: str, path: str, body: Any, operations: int = 1) -> tuple[int, bytes]:
         started = time.perf_counter()
         status, payload = await self.http.request(method, path, body)
@@ -213,28 +231,32 @@ class Relay:
             else:
                 await self.call(tally, "POST", f"/v1/holds/{request_id}/settle", self.settle_body(channel))
 
+    def next_batch(self, pending: list[tuple[str, int]]) -> list[dict[str, Any]]:
+        """BATCH_SIZE operations: settle or refund the `pending` holds (of the previous batch), then open new holds
+        and consumptions. `pending` is replaced by the holds this batch opens."""
+        operations: list[dict[str, Any]] = []
+        for request_id, channel in pending:
+            if self.rng.random() < 0.05:
+                operations.append({"op": "refund", "request_id": request_id, "body": {"reason": "upstream"}})
+            else:
+                operations.append({"op": "settle", "request_id": request_id, "body": self.settle_body(channel)})
+        pending.clear()
+        while len(operations) < BATCH_SIZE:
+            request_id = self.next_id()
+            user, channel = self.pick()
+            if self.rng.random() < 0.05:
+                body = self.consume_body(request_id, user, channel)
+                operations.append({"op": "consume", "request_id": request_id, "body": body})
+            else:
+                operations.append({"op": "hold", "request_id": request_id, "body": self.hold_body(request_id, user)})
+                pending.append((request_id, channel))
+        return operations
+
     async def batched_operations(self, tally: Tally, stop_at: float) -> None:
         """Each batch resolves the holds of the previous one and opens new ones: BATCH_SIZE operations."""
         pending: list[tuple[str, int]] = []
         while time.perf_counter() < stop_at:
-            operations: list[dict[str, Any]] = []
-            for request_id, channel in pending:
-                if self.rng.random() < 0.05:
-                    operations.append({"op": "refund", "request_id": request_id, "body": {"reason": "upstream"}})
-                else:
-                    operations.append({"op": "settle", "request_id": request_id, "body": self.settle_body(channel)})
-            pending = []
-            while len(operations) < BATCH_SIZE:
-                request_id = self.next_id()
-                user, channel = self.pick()
-                if self.rng.random() < 0.05:
-                    body = self.consume_body(request_id, user, channel)
-                    operations.append({"op": "consume", "request_id": request_id, "body": body})
-                else:
-                    operations.append(
-                        {"op": "hold", "request_id": request_id, "body": self.hold_body(request_id, user)}
-                    )
-                    pending.append((request_id, channel))
+            operations = self.next_batch(pending)
             status, payload = await self.call(tally, "POST", "/v1/batch", {"operations": operations}, len(operations))
             if status == 200:
                 failed = sum(1 for result in json.loads(payload)["results"] if result["status"] >= 300)
@@ -256,6 +278,55 @@ async def drive(host: str, port: int, token: str, workload: Workload, run: str, 
         for relay in relays:
             await relay.http.close()
     return measure(tally, time.perf_counter() - started)
+
+
+class InProcessBatches:
+    """The batch scenario without HTTP: each client's batches are decoded, planned and applied in this process by
+    the service's own code (BatchService, LifecycleService), with the service's settings, on a pool of its own.
+    Open it before the CPU reading that starts a measurement and close it after the one that ends it: a backend
+    that exits in between takes its CPU time with it."""
+
+    def __init__(self, batches: BatchService, pool: Pool, engine: AsyncEngine) -> None:
+        self.batches, self.pool, self.engine = batches, pool, engine
+
+    @classmethod
+    async def open(cls, database_url: str, clients: int) -> InProcessBatches:
+        from ledger_service.db.engine import create_engine
+        from ledger_service.db.lifecycle import SeenBalances, create_pool
+        from ledger_service.services.batch import BatchService
+        from ledger_service.services.ledger import LedgerService
+        from ledger_service.services.lifecycle import LifecycleService
+        from ledger_service.settings import Settings
+
+        settings = Settings.from_env(dict(SERVICE_SETTINGS, LEDGER_DATABASE_URL=database_url))
+        seen = SeenBalances()
+        pool = await create_pool(database_url, size=clients, on_connect=seen.forget)
+        engine = create_engine(database_url, pool_size=1)  # BatchService wants a LedgerService; batches never use it
+        return cls(BatchService(LedgerService(engine, settings, LifecycleService(pool, settings, seen))), pool, engine)
+
+    async def close(self) -> None:
+        await self.pool.close()
+        await self.engine.dispose()
+
+    async def drive(self, workload: Workload, run: str) -> Measurement:
+        from ledger_service.schemas import BatchCommand
+
+        tally = Tally()
+
+        async def client(relay: Relay, stop_at: float) -> None:
+            pending: list[tuple[str, int]] = []
+            while time.perf_counter() < stop_at:
+                started = time.perf_counter()
+                command = msgspec.convert({"operations": relay.next_batch(pending)}, BatchCommand, strict=True)
+                view = await self.batches.run(command)
+                failed = sum(1 for result in view.results if result.status >= 300)
+                tally.record(200, time.perf_counter() - started, len(view.results) - failed)
+                tally.errors += failed
+
+        relays = [Relay(None, n, workload, run) for n in range(workload.clients)]
+        started = time.perf_counter()
+        await asyncio.gather(*(client(relay, started + workload.duration) for relay in relays))
+        return measure(tally, time.perf_counter() - started)
 
 
 async def read_latency(host: str, port: int, token: str, user: int, reads: int) -> float:
@@ -331,6 +402,10 @@ def url_parts(url: str) -> dict[str, str]:
     }
 
 
+SERVICE_SETTINGS = {"LEDGER_TRUST_FACTOR": "0"}  # every hold really holds: the heavier, honest case
+"""The settings the service under test runs with (and the `direct` scenario's planner), beyond the defaults."""
+
+
 class Service:
     """`ledger-service serve` as a child process."""
 
@@ -341,11 +416,11 @@ class Service:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         env = {key: value for key, value in os.environ.items() if not key.startswith("LEDGER_")}
+        env.update(SERVICE_SETTINGS)
         env.update(
             LEDGER_DATABASE_URL=database_url,
             LEDGER_PORT=str(self.port),
             LEDGER_ADMIN_KEY=admin_key,
-            LEDGER_TRUST_FACTOR="0",  # every hold really holds: the heavier, honest case
             LEDGER_WORKERS=str(workers),
             LEDGER_COALESCE_GROUPS=str(coalesce_groups),
             LEDGER_LOG_FORMAT="json",
@@ -475,7 +550,7 @@ class Options:
     coalesce_groups: int = 1
     """LEDGER_COALESCE_GROUPS of the service under test."""
     read_postings: int = 1_000_000
-    scenarios: tuple[str, ...] = ("single", "batch", "hot", "reads")
+    scenarios: tuple[str, ...] = ("single", "batch", "hot", "direct", "reads")
     profile: str | None = None
     """Write py-spy's raw stacks of the service, sampled during the first run of the first scenario, to this file."""
 
@@ -513,9 +588,9 @@ async def run_benchmark(options: Options, say: Callable[[str], None]) -> dict[st
             workload = Workload(options.clients, options.users, options.channels, options.duration)
             await fund("127.0.0.1", service.port, admin, options.users)
             tps: list[float] = []
-            runs: dict[str, list[Measurement]] = {name: [] for name in ("single", "batch", "hot")}
+            runs: dict[str, list[Measurement]] = {name: [] for name in MEASURED}
             for run in range(options.runs):
-                for name in ("single", "batch", "hot"):
+                for name in MEASURED:
                     if name not in options.scenarios:
                         continue
                     chosen = (
@@ -526,17 +601,30 @@ async def run_benchmark(options: Options, say: Callable[[str], None]) -> dict[st
                     # megabytes). pgbench vacuums its own tables before it runs, for the same reason.
                     await _sql(url_for(base_url, ledger_db), "VACUUM (ANALYZE)")
                     await _sql(base_url, "CHECKPOINT")
-                    driving = drive("127.0.0.1", service.port, admin, chosen, f"r{run}-{name}", batched=name == "batch")
-                    before = cpu_seconds(service.process.pid)
-                    if options.profile and name == options.scenarios[0] and run == 0:
-                        sampled = sample_service(service.process.pid, options.duration - 1, options.profile)
-                        measured, results["profile"] = await asyncio.gather(driving, sampled)
-                        say(f"service CPU by library (py-spy): {results['profile']}")
-                    else:
-                        measured = await driving
-                    after = cpu_seconds(service.process.pid)
+                    direct = None
+                    if name == "direct":
+                        direct = await InProcessBatches.open(url_for(base_url, ledger_db), chosen.clients)
+                    try:
+                        driving = (
+                            direct.drive(chosen, f"r{run}-{name}")
+                            if direct is not None
+                            else drive("127.0.0.1", service.port, admin, chosen, f"r{run}-{name}", name == "batch")
+                        )
+                        before = cpu_seconds(service.process.pid)
+                        if options.profile and name == options.scenarios[0] and run == 0:
+                            sampled = sample_service(service.process.pid, options.duration - 1, options.profile)
+                            measured, results["profile"] = await asyncio.gather(driving, sampled)
+                            say(f"service CPU by library (py-spy): {results['profile']}")
+                        else:
+                            measured = await driving
+                        after = cpu_seconds(service.process.pid)
+                    finally:
+                        if direct is not None:
+                            await direct.close()
                     operations = max(1.0, measured.ops_per_second * options.duration)
                     cpu = {party: seconds * 1000 / operations for party, seconds in cpu_used(before, after).items()}
+                    if name == "direct":  # this process planned: the service only ran its background jobs
+                        cpu = {"planner": cpu["load"], "postgres": cpu["postgres"], "service": cpu["service"]}
                     measured = dataclasses.replace(measured, cpu_ms_per_op=cpu)
                     runs[name].append(measured)
                     say(
@@ -619,7 +707,7 @@ async def read_scenario(base_url: str, database: str, options: Options, say: Cal
 def render(results: dict[str, Any]) -> str:
     lines = [f"pgbench TPC-B: {results['pgbench_tps']['median']:.0f} tps (median of {results['options']['runs']})", ""]
     lines.append(f"{'scenario':<10} {'ops/s median (min-max)':<26} {'p50 ms':>8} {'p99 ms':>8} {'x pgbench':>10}")
-    for name in ("single", "batch", "hot"):
+    for name in MEASURED:
         if name in results:
             row = results[name]
             ops = row["ops_per_second"]
@@ -628,7 +716,7 @@ def render(results: dict[str, Any]) -> str:
                 f" {row['p50_ms']['median']:>8.1f} {row['p99_ms']['median']:>8.1f}"
                 f" {row['ratio_to_pgbench']['median']:>10.2f}"
             )
-    for name in ("single", "batch", "hot"):
+    for name in MEASURED:
         if name in results:
             cpu = results[name]["cpu_ms_per_op"]
             lines.append(f"{name} CPU ms per op: " + ", ".join(f"{p} {v['median']:.2f}" for p, v in cpu.items()))

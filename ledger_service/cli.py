@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--coalesce-groups", type=int, default=1, help="LEDGER_COALESCE_GROUPS of the service (0: no coalescing)"
     )
     bench.add_argument("--read-postings", type=int, default=1_000_000, help="postings of the large account")
-    bench.add_argument("--scenarios", default="single,batch,hot,reads", help="comma-separated subset to run")
+    bench.add_argument("--scenarios", default="single,batch,hot,direct,reads", help="comma-separated subset to run")
     bench.add_argument("--json", help="also write the figures to this JSON file")
     bench.add_argument(
         "--profile",

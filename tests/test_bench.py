@@ -1,8 +1,10 @@
-"""The benchmark's pure helpers (the benchmark itself runs with `make bench`, not in the test suite)."""
+"""The benchmark's helpers, and its in-process batch driver on a tiny workload (the benchmark itself runs with
+`make bench`, not in the test suite)."""
 
 from __future__ import annotations
 
-from ledger_service.bench import Tally, measure, profile_breakdown
+from ledger_service.bench import BATCH_SIZE, InProcessBatches, Relay, Tally, Workload, measure, profile_breakdown
+from tests.support import Ledger
 
 
 def test_profile_breakdown_groups_samples_by_the_innermost_library() -> None:
@@ -25,3 +27,33 @@ def test_measure_counts_only_successes_and_takes_percentiles() -> None:
     assert (result.ops_per_second, result.errors) == (49.0, 2)
     assert result.p50_ms == 51.0
     assert result.p99_ms == 100.0
+
+
+def test_each_batch_resolves_the_previous_batchs_holds_and_fills_up_with_new_ones() -> None:
+    relay = Relay(None, 0, Workload(clients=1, users=5, channels=3, duration=1.0), "t")
+    pending: list[tuple[str, int]] = []
+    first = relay.next_batch(pending)
+    opened = [operation["request_id"] for operation in first if operation["op"] == "hold"]
+    assert len(first) == BATCH_SIZE
+    assert {operation["op"] for operation in first} <= {"hold", "consume"}
+    assert [request_id for request_id, _ in pending] == opened
+    second = relay.next_batch(pending)
+    assert len(second) == BATCH_SIZE
+    assert [op["request_id"] for op in second[: len(opened)]] == opened
+    assert {op["op"] for op in second[: len(opened)]} <= {"settle", "refund"}
+    assert all(op["op"] in ("hold", "consume") for op in second[len(opened) :])
+
+
+async def test_the_direct_scenario_plans_and_applies_batches_in_process(ledger: Ledger, database_url: str) -> None:
+    for user in (1, 2):
+        await ledger.fund(user, 10**12)
+        await ledger.token(user, user)
+    direct = await InProcessBatches.open(database_url, clients=2)
+    try:
+        measured = await direct.drive(Workload(clients=2, users=2, channels=2, duration=0.3), "t")
+    finally:
+        await direct.close()
+    assert measured.errors == 0
+    assert measured.ops_per_second > 0
+    assert await ledger.count("SELECT count(*) FROM requests") > 0
+    await ledger.assert_books_balance()
