@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
+from sqlalchemy import text
 
+from ledger_service.db import reconciliation
 from ledger_service.services.audit import AuditService
 from ledger_service.services.housekeeping import refresh_snapshots
 from ledger_service.services.ledger import LedgerService
@@ -392,3 +395,34 @@ async def test_a_statement_paged_one_posting_at_a_time_misses_none(ledger: Ledge
         ("allowance", -1525, 0),
         ("quota", -1525, 0),
     ]
+
+
+def _rows_read_from(plan: dict[str, Any], relation: str) -> float:
+    """Rows an EXPLAIN ANALYZE plan node tree read from `relation`, over all loops."""
+    own = plan.get("Actual Rows", 0) * plan.get("Actual Loops", 1) if plan.get("Relation Name") == relation else 0
+    return own + sum(_rows_read_from(child, relation) for child in plan.get("Plans", []))
+
+
+async def test_each_page_of_the_journal_walk_reads_only_its_page(
+    service: LedgerService, raw: asyncpg.Connection[Any]
+) -> None:
+    """The reconciliation rehashes every entry, a page at a time. A page must cost its own size, not the rest of
+    the journal's: otherwise the walk grows with the square of the journal."""
+    await raw.execute(
+        "INSERT INTO entries (kind, user_id, hash, reference)"
+        " SELECT 'topup', 1, decode(repeat('00', 32), 'hex'), 'page-' || g FROM generate_series(1, 3000) g"
+    )
+    await raw.execute(
+        "INSERT INTO postings (entry_id, ledger, account, amount)"
+        " SELECT id, 'quota', 'user:1', 1 FROM entries WHERE reference LIKE 'page-%'"
+        " UNION ALL SELECT id, 'quota', 'system:issuance', -1 FROM entries WHERE reference LIKE 'page-%'"
+    )
+    await raw.execute("ANALYZE entries, postings")
+    async with service.engine.connect() as conn:
+        explained = await conn.scalar(
+            text("EXPLAIN (ANALYZE, FORMAT JSON) " + reconciliation.ENTRY_PAGE.text),
+            {"txid": 0, "entry_id": 0, "limit": 100},
+        )
+    plan = (json.loads(explained) if isinstance(explained, str) else explained)[0]["Plan"]
+    assert _rows_read_from(plan, "entries") <= 100
+    assert _rows_read_from(plan, "postings") == 200
