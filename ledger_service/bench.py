@@ -6,9 +6,10 @@ What it does, in one run:
 2. runs each scenario for --duration seconds from --clients concurrent relays, --runs times:
    - single:  one HTTP call per ledger operation (hold then settle 90%, hold then refund 5%, consumption 5%);
    - batch:   the same operations through POST /v1/batch, 100 per batch;
-   - direct:  the batches without HTTP: this process plans and applies them with the service's own code
-              (LifecycleService), so the service's HTTP layer is out of the measurement: the batch path's ceiling;
    - hot:     single operations, every settlement to one channel (compare with `single`, spread over channels);
+   - direct:  the batches without HTTP: this process plans and applies them with the service's own code
+              (BatchService, LifecycleService), so the service's HTTP layer is out of the measurement: the batch
+              path's ceiling;
    - reads:   GET /v1/users/{id} for an account with 1,000 postings and one with 1,000,000;
 3. runs pgbench's built-in TPC-B (`pgbench -c 16 -j 2 -T <duration>`) against the same server after each run;
 4. prints operations per second, p50/p99 latency and the ratio to pgbench's tps (median, min, max over runs), and
