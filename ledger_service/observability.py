@@ -39,19 +39,30 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+def _json_line(created: float, level: str, logger: str, message: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The JSON log line's object, in its key order: time, level, logger, message, request_id, then `fields`."""
+    document: dict[str, Any] = {
+        "time": datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"),
+        "level": level,
+        "logger": logger,
+        "message": message,
+    }
+    request_id = request_id_var.get()
+    if request_id is not None:
+        document["request_id"] = request_id
+    document.update(fields)
+    return document
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        document: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": redact(record.getMessage()),
-        }
-        request_id = request_id_var.get()
-        if request_id is not None:
-            document["request_id"] = request_id
-        for key, value in getattr(record, "fields", {}).items():
-            document[key] = value
+        document = _json_line(
+            record.created,
+            record.levelname.lower(),
+            record.name,
+            redact(record.getMessage()),
+            getattr(record, "fields", {}),
+        )
         if record.exc_info:
             document["exception"] = redact(self.formatException(record.exc_info))
         return msgspec.json.encode(document).decode()
@@ -121,42 +132,22 @@ def log_request(method: str, route: str, status: int, started: float, key_id: in
     if method not in _METHODS:  # the one field a client writes freely
         method = redact(method)
     message = f"{method} {route} {status}"
-    handler = _direct_handler()
-    if handler is not None:
-        try:
-            _write_access_line(handler, message, method, route, status, duration_ms, key_id)
-            return
-        except Exception:  # noqa: S110 - a closed or broken stream: the logger below reports it its own way
-            pass
     fields: dict[str, Any] = {"method": method, "route": route, "status": status, "duration_ms": duration_ms}
     if key_id is not None:
         fields["key_id"] = key_id
+    handler = _direct_handler()
+    if handler is not None:
+        try:
+            _write_access_line(handler, message, fields)
+            return
+        except Exception:  # noqa: S110 - a closed or broken stream: the logger below reports it its own way
+            pass
     access_log.info("%s", message, extra={"fields": fields})
 
 
-def _write_access_line(
-    handler: logging.StreamHandler[Any],
-    message: str,
-    method: str,
-    route: str,
-    status: int,
-    duration_ms: float,
-    key_id: int | None,
-) -> None:
-    """The access line as JsonFormatter writes a record with these `fields` (same keys, same order)."""
-    document: dict[str, Any] = {
-        "time": datetime.fromtimestamp(time.time(), UTC).isoformat(timespec="milliseconds"),
-        "level": "info",
-        "logger": access_log.name,
-        "message": message,
-    }
-    request_id = request_id_var.get()
-    if request_id is not None:
-        document["request_id"] = request_id
-    document.update(method=method, route=route, status=status, duration_ms=duration_ms)
-    if key_id is not None:
-        document["key_id"] = key_id
-    line = _access_encoder.encode(document).decode()
+def _write_access_line(handler: logging.StreamHandler[Any], message: str, fields: dict[str, Any]) -> None:
+    """The access line as JsonFormatter writes a record with these `fields`: the same object, built the same way."""
+    line = _access_encoder.encode(_json_line(time.time(), "info", access_log.name, message, fields)).decode()
     handler.acquire()
     try:
         handler.stream.write(line + handler.terminator)
