@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 BATCH_SIZE = 100
 MEASURED = ("single", "batch", "hot", "direct")
 """The scenarios measured against pgbench, in the order they run; `reads` runs last, on a database of its own."""
+SCENARIOS = (*MEASURED, "reads")
 PGBENCH_CLIENTS = 16
 
 
@@ -410,7 +411,7 @@ SERVICE_SETTINGS = {"LEDGER_TRUST_FACTOR": "0"}  # every hold really holds: the 
 class Service:
     """`ledger-service serve` as a child process."""
 
-    def __init__(self, database_url: str, admin_key: str, workers: int, coalesce_groups: int) -> None:
+    def __init__(self, database_url: str, admin_key: str, workers: int, coalesce_groups: int | None) -> None:
         import socket
 
         with socket.socket() as sock:
@@ -423,9 +424,10 @@ class Service:
             LEDGER_PORT=str(self.port),
             LEDGER_ADMIN_KEY=admin_key,
             LEDGER_WORKERS=str(workers),
-            LEDGER_COALESCE_GROUPS=str(coalesce_groups),
             LEDGER_LOG_FORMAT="json",
         )
+        if coalesce_groups is not None:
+            env["LEDGER_COALESCE_GROUPS"] = str(coalesce_groups)
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ledger_service", "serve"], env=env, stdout=self.log, stderr=self.log
@@ -548,10 +550,10 @@ class Options:
     duration: float = 10.0
     runs: int = 3
     workers: int = 1
-    coalesce_groups: int = 1
-    """LEDGER_COALESCE_GROUPS of the service under test."""
+    coalesce_groups: int | None = None
+    """LEDGER_COALESCE_GROUPS of the service under test; None: the service's default."""
     read_postings: int = 1_000_000
-    scenarios: tuple[str, ...] = ("single", "batch", "hot", "direct", "reads")
+    scenarios: tuple[str, ...] = SCENARIOS
     profile: str | None = None
     """Write py-spy's raw stacks of the service, sampled during the first run of the first scenario, to this file."""
 

@@ -147,8 +147,16 @@ def render_reconciliation(report: ReconciliationView) -> str:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from ledger_service.bench import Options, main_bench
+    from ledger_service.bench import SCENARIOS, Options, main_bench
 
+    scenarios = tuple(args.scenarios.split(","))
+    unknown = sorted(set(scenarios) - set(SCENARIOS))
+    if unknown:
+        print(
+            f"ledger-service bench: unknown scenarios {', '.join(unknown)}; choose from {','.join(SCENARIOS)}",
+            file=sys.stderr,
+        )
+        return 2
     options = Options(
         clients=args.clients,
         users=args.users,
@@ -158,7 +166,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         workers=args.workers,
         coalesce_groups=args.coalesce_groups,
         read_postings=args.read_postings,
-        scenarios=tuple(args.scenarios.split(",")),
+        scenarios=scenarios,
         profile=args.profile,
     )
     return main_bench(options, args.json, lambda message: print(f"  ... {message}", file=sys.stderr, flush=True))
@@ -194,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=3, help="runs per scenario; medians are reported")
     bench.add_argument("--workers", type=int, default=1, help="service worker processes")
     bench.add_argument(
-        "--coalesce-groups", type=int, default=1, help="LEDGER_COALESCE_GROUPS of the service (0: no coalescing)"
+        "--coalesce-groups", type=int, help="LEDGER_COALESCE_GROUPS of the service (0: no coalescing; default: its own)"
     )
     bench.add_argument("--read-postings", type=int, default=1_000_000, help="postings of the large account")
     bench.add_argument("--scenarios", default="single,batch,hot,direct,reads", help="comma-separated subset to run")

@@ -76,6 +76,13 @@ def test_unknown_role_is_refused() -> None:
     assert "invalid choice" in result.stderr
 
 
+def test_an_unknown_bench_scenario_is_refused_before_anything_starts() -> None:
+    result = run_cli("bench", "--scenarios", "single,singel")
+    assert result.returncode == 2
+    assert "unknown scenarios singel" in result.stderr
+    assert "starting" not in result.stderr  # no PostgreSQL was started for it
+
+
 async def test_processes_starting_together_bootstrap_the_admin_key_once(database_url: str) -> None:
     from ledger_service.db.engine import create_engine
     from ledger_service.services.api_keys import ApiKeyService
