@@ -10,6 +10,8 @@ What it does, in one run:
    - direct:  the batches without HTTP: this process plans and applies them with the service's own code
               (BatchService, LifecycleService), so the service's HTTP layer is out of the measurement: the batch
               path's ceiling;
+   - bare, schema: the batches' rows, one plain SQL statement per batch, into minimal tables (PostgreSQL's
+              floor) and into the service's own tables (the schema's ceiling): bench_floor.py;
    - reads:   GET /v1/users/{id} for an account with 1,000 postings and one with 1,000,000;
 3. runs pgbench's built-in TPC-B (`pgbench -c 16 -j 2 -T <duration>`) against the same server after each run;
 4. prints operations per second, p50/p99 latency and the ratio to pgbench's tps (median, min, max over runs), and
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
     from ledger_service.services.batch import BatchService
 
 BATCH_SIZE = 100
-MEASURED = ("single", "batch", "hot", "direct")
+MEASURED = ("single", "batch", "hot", "direct", "bare", "schema")
 """The scenarios measured against pgbench, in the order they run; `reads` runs last, on a database of its own."""
 SCENARIOS = (*MEASURED, "reads")
 PGBENCH_CLIENTS = 16
@@ -563,6 +565,7 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 
 async def run_benchmark(options: Options, say: Callable[[str], None]) -> dict[str, Any]:
+    from ledger_service.bench_floor import FLOORS, FloorBatches
     from ledger_service.database import EmbeddedPostgres, migrate
 
     server: EmbeddedPostgres | None = None
@@ -575,9 +578,10 @@ async def run_benchmark(options: Options, say: Callable[[str], None]) -> dict[st
             base_url = server.url()
         suffix = secrets.token_hex(3)
         ledger_db, reads_db, pgbench_db = f"bench_ledger_{suffix}", f"bench_reads_{suffix}", f"bench_tpcb_{suffix}"
-        for database in (ledger_db, reads_db, pgbench_db):
+        floor_db = f"bench_floor_{suffix}"  # the floor scenarios' rows: never the workload's books
+        for database in (ledger_db, reads_db, pgbench_db, floor_db):
             await _sql(base_url, f"CREATE DATABASE {database}")
-        for database in (ledger_db, reads_db):
+        for database in (ledger_db, reads_db, floor_db):
             await asyncio.to_thread(migrate, url_for(base_url, database))
         parts = url_parts(base_url)
         say(f"initialising pgbench (scale {PGBENCH_CLIENTS})")
@@ -602,15 +606,18 @@ async def run_benchmark(options: Options, say: Callable[[str], None]) -> dict[st
                     # Every phase starts vacuumed and from a checkpoint, so none pays for the autovacuum or the
                     # writeback the one before it left behind (pgbench's initialisation alone dirties hundreds of
                     # megabytes). pgbench vacuums its own tables before it runs, for the same reason.
-                    await _sql(url_for(base_url, ledger_db), "VACUUM (ANALYZE)")
+                    database = floor_db if name in FLOORS else ledger_db
+                    await _sql(url_for(base_url, database), "VACUUM (ANALYZE)")
                     await _sql(base_url, "CHECKPOINT")
-                    direct = None
+                    in_process: InProcessBatches | FloorBatches | None = None
                     if name == "direct":
-                        direct = await InProcessBatches.open(url_for(base_url, ledger_db), chosen.clients)
+                        in_process = await InProcessBatches.open(url_for(base_url, ledger_db), chosen.clients)
+                    elif name in FLOORS:
+                        in_process = await FloorBatches.open(name, url_for(base_url, floor_db), chosen.clients)
                     try:
                         driving = (
-                            direct.drive(chosen, f"r{run}-{name}")
-                            if direct is not None
+                            in_process.drive(chosen, f"r{run}-{name}")
+                            if in_process is not None
                             else drive("127.0.0.1", service.port, admin, chosen, f"r{run}-{name}", name == "batch")
                         )
                         before = cpu_seconds(service.process.pid)
@@ -622,12 +629,14 @@ async def run_benchmark(options: Options, say: Callable[[str], None]) -> dict[st
                             measured = await driving
                         after = cpu_seconds(service.process.pid)
                     finally:
-                        if direct is not None:
-                            await direct.close()
+                        if in_process is not None:
+                            await in_process.close()
                     operations = max(1.0, measured.ops_per_second * options.duration)
                     cpu = {party: seconds * 1000 / operations for party, seconds in cpu_used(before, after).items()}
                     if name == "direct":  # this process planned: the service only ran its background jobs
                         cpu = {"planner": cpu["load"], "postgres": cpu["postgres"], "service": cpu["service"]}
+                    elif name in FLOORS:  # this process only put the rows in arrays
+                        cpu = {"client": cpu["load"], "postgres": cpu["postgres"], "service": cpu["service"]}
                     measured = dataclasses.replace(measured, cpu_ms_per_op=cpu)
                     runs[name].append(measured)
                     say(

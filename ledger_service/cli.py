@@ -149,7 +149,7 @@ def render_reconciliation(report: ReconciliationView) -> str:
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from ledger_service.bench import SCENARIOS, Options, main_bench
 
-    scenarios = tuple(args.scenarios.split(","))
+    scenarios = tuple((args.scenarios or ",".join(SCENARIOS)).split(","))
     unknown = sorted(set(scenarios) - set(SCENARIOS))
     if unknown:
         print(
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--coalesce-groups", type=int, help="LEDGER_COALESCE_GROUPS of the service (0: no coalescing; default: its own)"
     )
     bench.add_argument("--read-postings", type=int, default=1_000_000, help="postings of the large account")
-    bench.add_argument("--scenarios", default="single,batch,hot,direct,reads", help="comma-separated subset to run")
+    bench.add_argument("--scenarios", help="comma-separated subset to run (default: every scenario)")
     bench.add_argument("--json", help="also write the figures to this JSON file")
     bench.add_argument(
         "--profile",

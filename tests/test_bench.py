@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import asyncpg
+import pytest
+
 from ledger_service.bench import BATCH_SIZE, InProcessBatches, Relay, Tally, Workload, measure, profile_breakdown
+from ledger_service.bench_floor import FLOORS, FloorBatches, postings_of
 from tests.support import Ledger
 
 
@@ -57,3 +61,52 @@ async def test_the_direct_scenario_plans_and_applies_batches_in_process(ledger: 
     assert measured.ops_per_second > 0
     assert await ledger.count("SELECT count(*) FROM requests") > 0
     await ledger.assert_books_balance()
+
+
+@pytest.mark.parametrize("kind", ["hold", "settle", "refund", "consume"])
+@pytest.mark.parametrize("user", [1, 2])
+def test_the_floor_posts_what_the_service_posts_and_each_ledger_balances(kind: str, user: int) -> None:
+    postings = postings_of(kind, "r1", user, 7, held=2500, charge=900)
+    ledgers = {ledger for ledger, _, _ in postings}
+    assert ledgers == ({"quota", "allowance"} if user % 2 == 1 else {"quota"})  # odd users' tokens are limited
+    for ledger in ledgers:
+        assert sum(amount for posted_to, _, amount in postings if posted_to == ledger) == 0
+    assert all(amount != 0 for _, _, amount in postings)
+    accounts = {account for _, account, _ in postings}
+    assert ("channel:7" in accounts) == (kind in ("settle", "consume"))
+    assert ("hold:r1" in accounts) == (kind != "consume")
+
+
+@pytest.mark.parametrize("floor", FLOORS)
+async def test_the_floor_scenarios_write_each_batchs_rows_in_one_statement(floor: str, database_url: str) -> None:
+    scenario = await FloorBatches.open(floor, database_url, clients=2)
+    try:
+        relay = Relay(None, 0, Workload(clients=1, users=2, channels=2, duration=1.0), "t")
+        pending: list[tuple[str, int]] = []
+        holds: dict[str, tuple[int, int]] = {}
+        first = relay.next_batch(pending)
+        opened = len(pending)
+        async with scenario.pool.acquire() as pooled:
+            await pooled.execute(scenario.statement, *FloorBatches.rows(first, holds))
+            await pooled.execute(scenario.statement, *FloorBatches.rows(relay.next_batch(pending), holds))
+        measured = await scenario.drive(Workload(clients=2, users=2, channels=2, duration=0.2), "d")
+    finally:
+        await scenario.close()
+    assert (measured.errors, measured.ops_per_second > 0) == (0, True)
+    schema = "floor." if floor == "bare" else ""
+    conn = await asyncpg.connect(database_url)
+    try:
+        entries = await conn.fetchval(f"SELECT count(*) FROM {schema}entries WHERE request_id LIKE 't-%'")
+        resolved = await conn.fetchval(
+            f"SELECT count(*) FROM {schema}requests WHERE request_id LIKE 't-%' AND status IN ('settled', 'refunded')"
+        )
+        consumed = sum(1 for operation in first if operation["op"] == "consume")
+        unbalanced = await conn.fetchval(
+            f"SELECT count(*) FROM (SELECT 1 FROM {schema}postings GROUP BY entry_id, ledger HAVING sum(amount) <> 0) u"
+        )
+    finally:
+        await conn.close()
+    assert entries == 2 * BATCH_SIZE  # an entry per operation
+    assert resolved == opened + consumed  # the second batch settled or refunded every hold of the first
+    assert unbalanced == 0
+    assert set(holds) == {request_id for request_id, _ in pending}  # only the open holds are remembered
