@@ -15,7 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
+from litestar.routes import HTTPRoute
 
+from ledger_service.api.app import create_app
+from ledger_service.api.bodies import StrictBody
+from ledger_service.settings import Settings
 from tests.support import Ledger, assert_problem, db_state
 
 MAX_ID = 2**63 - 1
@@ -269,6 +273,7 @@ def generic_cases(endpoint: Endpoint) -> Iterator[Case]:
     if not endpoint.body_optional:
         raw["null"] = b"null"
         raw["empty-body"] = b""
+        raw["whitespace-body"] = b" \r\n\t"
     for label, content in raw.items():
         yield Case(f"{endpoint.name}-{label}", endpoint.method, endpoint.path, endpoint.role, content)
     yield Case(
@@ -473,6 +478,24 @@ async def test_bad_writes_are_refused_and_write_nothing(world: Ledger, endpoint:
     )
 
 
+def test_every_request_body_is_decoded_by_strict_body() -> None:
+    """The strict decoding above is StrictBody's (api/bodies.py), which the app's StrictBodies plugin gives every
+    `data` parameter. A handler whose body Litestar decoded itself would accept "1" for 1 and floats for ratios."""
+    app = create_app(Settings.from_env({"LEDGER_DATABASE_URL": "postgresql://unused@/unused"}))
+    with_body = [
+        handler
+        for route in app.routes
+        if isinstance(route, HTTPRoute)
+        for handler in route.route_handlers
+        if handler.parsed_data_field is not None
+    ]
+    assert len(with_body) == len(ENDPOINTS) + 2  # every endpoint above, the batch and the reversal of an entry
+    for handler in with_body:
+        dto = handler.resolve_data_dto()
+        assert dto is not None and issubclass(dto, StrictBody), handler
+        assert handler.resolve_return_dto() is None, handler  # answers keep Litestar's own encoding
+
+
 async def test_refund_without_body_or_with_null_is_not_a_server_error(world: Ledger) -> None:
     """The refund body is optional: no body is a plain refund; `null` may be taken as no body or refused."""
     response = await send(world, "POST", f"/v1/holds/{REFUND_HOLD}/refund", None, "relay")
@@ -482,6 +505,12 @@ async def test_refund_without_body_or_with_null_is_not_a_server_error(world: Led
     assert response.status_code in (200, 400), response.text
     if response.status_code == 400:
         assert_problem(response, 400, "validation_error")
+    else:
+        assert response.json()["status"] == "refunded"
+        return
+    response = await send(world, "POST", f"/v1/holds/{OPEN_HOLD}/refund", b" \n ", "relay")  # whitespace: no body
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "refunded"
 
 
 BAD_READ_PATHS: list[tuple[str, str]] = [

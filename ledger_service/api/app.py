@@ -14,6 +14,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusController
 from litestar.routes import HTTPRoute
 
+from ledger_service.api.bodies import StrictBodies
 from ledger_service.api.controllers.accounts import AccountController
 from ledger_service.api.controllers.api_keys import ApiKeyController
 from ledger_service.api.controllers.batch import BatchController
@@ -137,6 +138,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     app = Litestar(
         route_handlers=[HealthController, MetricsController, v1],
         middleware=[access_log_middleware],
+        plugins=[StrictBodies()],  # request bodies: decoded once, strictly (api/bodies.py)
         request_max_body_size=settings.max_body_bytes,
         logging_config=None,
         lifespan=[lifespan],

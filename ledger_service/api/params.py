@@ -5,16 +5,10 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from datetime import datetime
-from typing import Any, TypeVar
-
-import msgspec
-from litestar import Request
 
 from ledger_service.domain import errors
 from ledger_service.observability import bind_request_id
 from ledger_service.schemas import MAX_ID
-
-T = TypeVar("T")
 
 _KEY = re.compile(r"\A[A-Za-z0-9._:-]{1,128}\Z")
 _NAME = re.compile(r"\A[^\x00-\x1f\x7f]{1,200}\Z")
@@ -41,27 +35,6 @@ def parse_name(raw: str, name: str) -> str:
     if not _NAME.match(raw):
         raise errors.ValidationFailed(f"{name} must be 1-200 printable characters")
     return raw
-
-
-async def strict_body(request: Request[Any, Any, Any], body_type: type[T], *, when_empty: T | None = None) -> T:
-    """Decode the raw request body straight into `body_type`, strictly: this decode is the one that counts.
-
-    Litestar also parses `data` (which is what documents the body in the OpenAPI schema), but it converts
-    leniently: "50" becomes 50, "true" becomes True, and a JSON number becomes a binary float before it becomes a
-    Decimal. Decoding the bytes with msgspec in strict mode refuses wrong types outright and turns JSON numbers
-    into Decimals digit for digit, so no ratio ever passes through a float.
-    """
-    raw = await request.body()
-    if when_empty is not None and not raw.strip():
-        return when_empty
-    try:
-        command = msgspec.json.decode(raw, type=body_type, strict=True)
-    except (msgspec.ValidationError, msgspec.DecodeError) as error:
-        raise errors.ValidationFailed(str(error)) from None
-    request_id = getattr(command, "request_id", None)
-    if isinstance(request_id, str):
-        bind_request_id(request_id)
-    return command
 
 
 def parse_limit(raw: str | None, *, default: int = 100, maximum: int = 1000) -> int:

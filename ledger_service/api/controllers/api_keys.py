@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from litestar import Controller, Request, delete, get, post
+from litestar import Controller, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from ledger_service.api import auth
-from ledger_service.api.params import parse_id, strict_body
+from ledger_service.api.params import parse_id
 from ledger_service.api.problems import PROBLEMS
 from ledger_service.schemas import ApiKeyCommand, ApiKeyCreatedView, ApiKeyListView
 from ledger_service.services.api_keys import ApiKeyService
@@ -26,10 +24,8 @@ class ApiKeyController(Controller):
         responses=PROBLEMS,
         summary="Create a key; the secret is shown once",
     )
-    async def create(
-        self, request: Request[Any, Any, Any], data: JSONBody[ApiKeyCommand], keys: NamedDependency[ApiKeyService]
-    ) -> ApiKeyCreatedView:
-        return await keys.create(await strict_body(request, ApiKeyCommand))
+    async def create(self, data: JSONBody[ApiKeyCommand], keys: NamedDependency[ApiKeyService]) -> ApiKeyCreatedView:
+        return await keys.create(data)
 
     @get("/", opt={"roles": auth.ADMIN_ONLY}, responses=PROBLEMS, summary="Every key (never the secrets)")
     async def list_keys(self, keys: NamedDependency[ApiKeyService]) -> ApiKeyListView:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from litestar import Controller, Request, post
+from litestar import Controller, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
 
 from ledger_service.api import auth
-from ledger_service.api.params import strict_body
 from ledger_service.api.problems import PROBLEMS
 from ledger_service.schemas import BatchCommand, BatchView
 from ledger_service.services.batch import BatchService
@@ -26,7 +23,5 @@ class BatchController(Controller):
         responses=PROBLEMS,
         summary="Up to 1000 holds, settlements, refunds and consumptions in one transaction",
     )
-    async def batch(
-        self, request: Request[Any, Any, Any], data: JSONBody[BatchCommand], batches: NamedDependency[BatchService]
-    ) -> BatchView:
-        return await batches.run(await strict_body(request, BatchCommand))
+    async def batch(self, data: JSONBody[BatchCommand], batches: NamedDependency[BatchService]) -> BatchView:
+        return await batches.run(data)

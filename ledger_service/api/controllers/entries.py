@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from litestar import Controller, Request, get, post
+from litestar import Controller, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import Response
@@ -18,7 +18,6 @@ from ledger_service.api.params import (
     parse_limit,
     parse_optional_id,
     parse_time,
-    strict_body,
 )
 from ledger_service.api.problems import PROBLEMS, replayed
 from ledger_service.db.audit import EntryFilter
@@ -83,10 +82,8 @@ class EntryController(Controller):
     )
     async def reverse(
         self,
-        request: Request[Any, Any, Any],
         entry_id: FromPath[str],
         data: JSONBody[ReverseCommand],
         ledger: NamedDependency[LedgerService],
     ) -> Response[EntryView]:
-        command = await strict_body(request, ReverseCommand)
-        return respond(await ledger.reverse(parse_id(entry_id, "entry_id"), command))
+        return respond(await ledger.reverse(parse_id(entry_id, "entry_id"), data))

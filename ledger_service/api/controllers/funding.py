@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from litestar import Controller, Request, post, put
+from litestar import Controller, post, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from litestar.response import Response
 
 from ledger_service.api import auth
 from ledger_service.api.controllers.responses import respond
-from ledger_service.api.params import parse_id, strict_body
+from ledger_service.api.params import parse_id
 from ledger_service.api.problems import created, replayed
 from ledger_service.schemas import AdjustmentCommand, FundingView, TokenCommand, TokenView, TopupCommand
 from ledger_service.services.ledger import LedgerService
@@ -29,9 +27,9 @@ class FundingController(Controller):
         summary="Credit a user's quota",
     )
     async def topup(
-        self, request: Request[Any, Any, Any], data: JSONBody[TopupCommand], ledger: NamedDependency[LedgerService]
+        self, data: JSONBody[TopupCommand], ledger: NamedDependency[LedgerService]
     ) -> Response[FundingView]:
-        return respond(await ledger.topup(await strict_body(request, TopupCommand)))
+        return respond(await ledger.topup(data))
 
     @post(
         "/adjustments",
@@ -41,9 +39,9 @@ class FundingController(Controller):
         summary="Correct a user's quota (signed)",
     )
     async def adjust(
-        self, request: Request[Any, Any, Any], data: JSONBody[AdjustmentCommand], ledger: NamedDependency[LedgerService]
+        self, data: JSONBody[AdjustmentCommand], ledger: NamedDependency[LedgerService]
     ) -> Response[FundingView]:
-        return respond(await ledger.adjust(await strict_body(request, AdjustmentCommand)))
+        return respond(await ledger.adjust(data))
 
     @put(
         "/tokens/{token_id:str}",
@@ -54,10 +52,8 @@ class FundingController(Controller):
     )
     async def set_token(
         self,
-        request: Request[Any, Any, Any],
         token_id: FromPath[str],
         data: JSONBody[TokenCommand],
         ledger: NamedDependency[LedgerService],
     ) -> Response[TokenView]:
-        command = await strict_body(request, TokenCommand)
-        return respond(await ledger.set_token(parse_id(token_id, "token_id"), command))
+        return respond(await ledger.set_token(parse_id(token_id, "token_id"), data))

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from litestar import Controller, Request, get, put
+from litestar import Controller, get, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from litestar.response import Response
 
 from ledger_service.api import auth
-from ledger_service.api.params import parse_name, strict_body
+from ledger_service.api.params import parse_name
 from ledger_service.api.problems import PROBLEMS, created
 from ledger_service.schemas import (
     GroupRatioCommand,
@@ -41,13 +39,11 @@ class PricingController(Controller):
     )
     async def set_model(
         self,
-        request: Request[Any, Any, Any],
         model: FromPath[str],
         data: JSONBody[ModelPriceCommand],
         prices: NamedDependency[PricingService],
     ) -> Response[ModelPriceView]:
-        exact = await strict_body(request, ModelPriceCommand)
-        view, created = await prices.set_model(parse_name(model.lstrip("/"), "model"), exact)
+        view, created = await prices.set_model(parse_name(model.lstrip("/"), "model"), data)
         return Response(view, status_code=201 if created else 200)
 
     @put(
@@ -59,11 +55,9 @@ class PricingController(Controller):
     )
     async def set_group(
         self,
-        request: Request[Any, Any, Any],
         group: FromPath[str],
         data: JSONBody[GroupRatioCommand],
         prices: NamedDependency[PricingService],
     ) -> Response[GroupRatioView]:
-        exact = await strict_body(request, GroupRatioCommand)
-        view, created = await prices.set_group(parse_name(group, "group"), exact)
+        view, created = await prices.set_group(parse_name(group, "group"), data)
         return Response(view, status_code=201 if created else 200)

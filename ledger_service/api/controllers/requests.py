@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from litestar import Controller, Request, get, post
+from litestar import Controller, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from litestar.response import Response
 
 from ledger_service.api import auth
 from ledger_service.api.controllers.responses import respond
-from ledger_service.api.params import parse_key, strict_body
+from ledger_service.api.params import parse_key
 from ledger_service.api.problems import PROBLEMS, replayed
 from ledger_service.schemas import (
     ConsumptionCommand,
@@ -36,9 +34,9 @@ class HoldController(Controller):
         summary="Hold the estimate before an upstream call",
     )
     async def open_hold(
-        self, request: Request[Any, Any, Any], data: JSONBody[HoldCommand], ledger: NamedDependency[LedgerService]
+        self, data: JSONBody[HoldCommand], ledger: NamedDependency[LedgerService]
     ) -> Response[HoldView]:
-        return respond(await ledger.open_hold(await strict_body(request, HoldCommand)))
+        return respond(await ledger.open_hold(data))
 
     @get(
         "/{request_id:str}",
@@ -58,13 +56,11 @@ class HoldController(Controller):
     )
     async def settle(
         self,
-        request: Request[Any, Any, Any],
         request_id: FromPath[str],
         data: JSONBody[SettleCommand],
         ledger: NamedDependency[LedgerService],
     ) -> Response[HoldView]:
-        command = await strict_body(request, SettleCommand)
-        return respond(await ledger.settle(parse_key(request_id), command), created_status=200)
+        return respond(await ledger.settle(parse_key(request_id), data), created_status=200)
 
     @post(
         "/{request_id:str}/refund",
@@ -75,12 +71,11 @@ class HoldController(Controller):
     )
     async def refund(
         self,
-        request: Request[Any, Any, Any],
         request_id: FromPath[str],
         ledger: NamedDependency[LedgerService],
         data: JSONBody[RefundCommand | None] = None,
     ) -> Response[HoldView]:
-        command = await strict_body(request, RefundCommand, when_empty=RefundCommand())
+        command = data or RefundCommand()
         return respond(await ledger.refund(parse_key(request_id), command), created_status=200)
 
 
@@ -97,8 +92,7 @@ class ConsumptionController(Controller):
     )
     async def consume(
         self,
-        request: Request[Any, Any, Any],
         data: JSONBody[ConsumptionCommand],
         ledger: NamedDependency[LedgerService],
     ) -> Response[HoldView]:
-        return respond(await ledger.consume(await strict_body(request, ConsumptionCommand)))
+        return respond(await ledger.consume(data))

@@ -1,0 +1,100 @@
+"""Request bodies: decoded once, strictly, by msgspec, and documented in the OpenAPI schema as their struct.
+
+Every request body is a `Command` (schemas.py). A handler declares it as `data: JSONBody[HoldCommand]`; the
+`StrictBodies` plugin, registered on the app, gives every such parameter the `StrictBody` DTO, so Litestar hands
+the raw bytes to `StrictBody.decode_bytes` and passes the command on untouched. Without it, Litestar would decode
+the body leniently ("50" becomes 50, "true" becomes True, and a JSON number becomes a binary float before it
+becomes a Decimal); strict decoding refuses wrong types outright and turns JSON numbers into Decimals digit for
+digit, so no ratio ever passes through a float. Litestar's DTO machinery (field definitions, transfer models,
+generated code) is not used: the struct is the wire format, and the schema documents it as Litestar documents a
+plain `data: T` parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+from litestar.dto import AbstractDTO
+from litestar.plugins import SerializationPlugin
+from litestar.typing import FieldDefinition
+
+from ledger_service.domain import errors
+from ledger_service.observability import bind_request_id
+from ledger_service.schemas import Command
+
+if TYPE_CHECKING:
+    from litestar._openapi.schema_generation import SchemaCreator
+    from litestar.dto.data_structures import DTOFieldDefinition
+    from litestar.openapi.spec import Reference, Schema
+
+T = TypeVar("T")
+
+
+class StrictBody(AbstractDTO[T]):
+    """The body of a request as the struct `T`, decoded strictly (400 `validation_error` otherwise). A body
+    with a `request_id` binds it to the log lines of the call (observability.py)."""
+
+    __slots__ = ()
+
+    def decode_bytes(self, value: bytes) -> Any:
+        if not value.strip():
+            # An empty body never gets here (Litestar passes it on as no body: the parameter's default, or a 400
+            # if it has none). Whitespace alone is no body either.
+            handler = self.asgi_connection.route_handler
+            if handler.parsed_data_field is not None and handler.parsed_data_field.is_optional:
+                return None
+            raise errors.ValidationFailed("the request needs a JSON body")
+        try:
+            command = msgspec.json.decode(value, type=self.model_type, strict=True)
+        except (msgspec.ValidationError, msgspec.DecodeError) as error:
+            raise errors.ValidationFailed(str(error)) from None
+        request_id = getattr(command, "request_id", None)
+        if isinstance(request_id, str):
+            bind_request_id(request_id)
+        return command
+
+    def decode_builtins(self, value: dict[str, Any]) -> Any:
+        # Only form bodies are decoded from builtins; the admission hook refuses non-JSON bodies before this.
+        raise errors.UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
+
+    @classmethod
+    def create_for_field_definition(
+        cls, field_definition: FieldDefinition, handler_id: str, backend_cls: Any = None
+    ) -> None:
+        """Nothing to prepare: decode_bytes needs no DTO backend."""
+
+    @classmethod
+    def create_openapi_schema(
+        cls, field_definition: FieldDefinition, handler_id: str, schema_creator: SchemaCreator
+    ) -> Reference | Schema:
+        return schema_creator.for_field_definition(
+            FieldDefinition.from_annotation(
+                field_definition.annotation, kwarg_definition=field_definition.kwarg_definition
+            )
+        )
+
+    @classmethod
+    def generate_field_definitions(cls, model_type: type[Any]) -> Generator[DTOFieldDefinition, None, None]:
+        yield from ()  # only DTO backends ask for these, and StrictBody builds none
+
+    @classmethod
+    def detect_nested_field(cls, field_definition: FieldDefinition) -> bool:
+        return False
+
+
+class StrictBodies(SerializationPlugin):
+    """Gives every `data` parameter typed as a Command (or an optional one) the StrictBody DTO. Responses are
+    Views, never Commands, so they keep Litestar's own encoding."""
+
+    def supports_type(self, field_definition: FieldDefinition) -> bool:
+        return field_definition.is_subclass_of(Command)
+
+    def create_dto_for_type(self, field_definition: FieldDefinition) -> type[AbstractDTO[Any]]:
+        command = next(
+            candidate.annotation
+            for candidate in (field_definition, *field_definition.inner_types)
+            if candidate.is_subclass_of(Command)
+        )
+        return StrictBody[command]  # type: ignore[valid-type]
