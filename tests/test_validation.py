@@ -492,7 +492,8 @@ def test_every_request_body_is_decoded_by_strict_body() -> None:
     assert len(with_body) == len(ENDPOINTS) + 2  # every endpoint above, the batch and the reversal of an entry
     for handler in with_body:
         dto = handler.resolve_data_dto()
-        assert dto is not None and issubclass(dto, StrictBody), handler
+        assert dto is not None, handler
+        assert issubclass(dto, StrictBody), handler
         assert handler.resolve_return_dto() is None, handler  # answers keep Litestar's own encoding
 
 
