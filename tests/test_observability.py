@@ -52,6 +52,8 @@ async def test_metrics_count_requests_by_route_and_the_lifecycle(
         service.engine, service, AuditService(service.engine, sweep_interval_seconds=5), settings
     ).sweep()
     await ledger.get("/v1/holds/nope")
+    await ledger.get("/v1/no-such-route")  # no route: 404
+    await ledger.client.delete("/v1/topups", headers={"Authorization": f"Bearer {ADMIN_SECRET}"})  # no such method
     after = await scrape(ledger)
 
     def delta(name: str, **labels: str) -> float:
@@ -66,6 +68,10 @@ async def test_metrics_count_requests_by_route_and_the_lifecycle(
     assert delta("ledger_http_requests_total", **http, status_code="200") == 1
     not_found = {"app_name": "ledger", "method": "GET", "path": "/v1/holds/{request_id}", "status_code": "404"}
     assert delta("ledger_http_requests_total", **not_found) == 1  # one series per route, not per request_id
+    unmatched = {"app_name": "ledger", "path": "unmatched"}  # requests no route took: one series, not per path
+    assert delta("ledger_http_requests_total", **unmatched, method="GET", status_code="404") == 1
+    assert delta("ledger_http_requests_total", **unmatched, method="DELETE", status_code="405") == 1
+    assert delta("ledger_http_requests_total", **unmatched, method="POST", status_code="201") == 0  # never twice
     assert any(name == "ledger_http_request_duration_seconds_bucket" for name, _ in after)
     assert value(after, "ledger_sweeper_lag_seconds") == 0.0  # nothing overdue left
 
@@ -104,6 +110,7 @@ async def test_logs_are_json_with_the_request_id_and_never_a_secret(database_url
             hold = {"request_id": "trace-me", "user_id": 1, "token_id": 1, "model": "gpt-4o", "prompt_tokens": 1}
             assert (await http.post("/v1/holds", json=hold, headers=AUTH)).status_code == 201
             await http.get("/v1/users/1", headers={"Authorization": "Bearer lsk_not-a-real-key-at-all"})
+            assert (await http.get("/v1/nowhere/lsk_secret-in-the-path", headers=AUTH)).status_code == 404
         await service.stop()
         lines = [line for line in service.logged().splitlines() if line.strip()]
     finally:
@@ -118,9 +125,12 @@ async def test_logs_are_json_with_the_request_id_and_never_a_secret(database_url
     assert line["duration_ms"] > 0
     refused = [r for r in records if r.get("route") == "/v1/users/{user_id}"]
     assert refused[0]["status"] == 401
+    unmatched = [r for r in records if r.get("route") == "unmatched"]  # no route took it: logged all the same
+    assert [(r["method"], r["status"], r["logger"]) for r in unmatched] == [("GET", 404, "ledger_service.access")]
     everything = "\n".join(lines)
     assert ADMIN_SECRET not in everything
     assert "lsk_not-a-real-key" not in everything
+    assert "lsk_secret-in-the-path" not in everything  # an unmatched request is logged by route, not by path
     assert "Authorization" not in everything
 
 

@@ -24,7 +24,7 @@ from ledger_service.api.controllers.health import HealthController
 from ledger_service.api.controllers.pricing import PricingController
 from ledger_service.api.controllers.reports import AccountsController, ReportsController
 from ledger_service.api.controllers.requests import ConsumptionController, HoldController
-from ledger_service.api.middleware import access_log_middleware, admit_request
+from ledger_service.api.middleware import access_log_middleware, admit_request, unrouted_middleware
 from ledger_service.api.problems import handle_exception
 from ledger_service.api.ratelimit import RateLimiter
 from ledger_service.db.engine import create_engine
@@ -166,6 +166,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ),
     )
     _require_admission(app)
+    app.asgi_handler = unrouted_middleware(app.asgi_handler)  # 404 and 405 for no route: logged and counted too
     return app
 
 

@@ -46,6 +46,10 @@ def _record(method: str, route: str, status: int, seconds: float) -> None:
         series.errors.inc()
 
 
+_LOGGED = "ledger_access_logged"
+"""Set in a request's scope state once access_log_middleware has taken the request (unrouted_middleware's cue)."""
+
+
 def access_log_middleware(app: ASGIApp) -> ASGIApp:
     """Log each request and record its metrics, by route template (not path: one series per route)."""
 
@@ -55,6 +59,7 @@ def access_log_middleware(app: ASGIApp) -> ASGIApp:
             return
         started = time.perf_counter()
         request_id_var.set(None)
+        scope.setdefault("state", {})[_LOGGED] = True
         status = 500
         method = str(scope.get("method", ""))
         route = str(scope.get("path_template") or "unmatched")
@@ -79,6 +84,35 @@ def access_log_middleware(app: ASGIApp) -> ASGIApp:
                 _record(method, route, status, time.perf_counter() - started)
             principal = scope.get("state", {}).get("principal")
             log_request(method, route, status, started, getattr(principal, "key_id", None))
+
+    return middleware
+
+
+def unrouted_middleware(app: ASGIApp) -> ASGIApp:
+    """Log and count the requests no route took, as route `unmatched`: an unknown path (404) or a method the path
+    does not serve (405). Litestar runs app middleware around route handlers only, so these never reach
+    access_log_middleware; this one wraps the whole app (create_app), and leaves every other request to it."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await app(scope, receive, capture)
+        finally:
+            if not scope.get("state", {}).get(_LOGGED):
+                method = str(scope.get("method", ""))
+                _record(method, "unmatched", status, time.perf_counter() - started)
+                log_request(method, "unmatched", status, started, None)
 
     return middleware
 
