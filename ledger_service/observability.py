@@ -96,7 +96,8 @@ access_log = logging.getLogger("ledger_service.access")
 _access_handler: logging.StreamHandler[Any] | None = None
 """Set by configure_logging: the handler access lines are written to directly (see log_request)."""
 _access_encoder = msgspec.json.Encoder()
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""The methods logged and counted as they are; any other is a client's free text."""
 
 
 def _direct_handler() -> logging.StreamHandler[Any] | None:
@@ -129,7 +130,7 @@ def log_request(method: str, route: str, status: int, started: float, key_id: in
     their own errors.
     """
     duration_ms = round((time.perf_counter() - started) * 1000, 3)
-    if method not in _METHODS:  # the one field a client writes freely
+    if method not in HTTP_METHODS:  # the one field a client writes freely
         method = redact(method)
     message = f"{method} {route} {status}"
     fields: dict[str, Any] = {"method": method, "route": route, "status": status, "duration_ms": duration_ms}

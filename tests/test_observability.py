@@ -7,12 +7,14 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ledger_service import observability
+from ledger_service.api.app import create_app
 from ledger_service.observability import JsonFormatter, RedactingFilter, redact
 from ledger_service.services.audit import AuditService
 from ledger_service.services.housekeeping import Housekeeping
@@ -226,3 +228,42 @@ def test_access_lines_follow_the_logging_configuration(
     observability.configure_logging("text")  # text lines always go through the formatter
     observability.log_request("GET", "/v1/users/{user_id}", 200, time.perf_counter(), 3)
     assert capsys.readouterr().err.endswith(" INFO ledger_service.access: GET /v1/users/{user_id} 200\n")
+
+
+async def test_a_method_of_the_clients_own_is_counted_as_other_never_as_a_label_of_its_own() -> None:
+    """uvicorn's parser refuses unknown methods, but another server may pass them on: on the open /metrics, a label
+    per method would grow without bound and publish whatever the client sent."""
+    app = create_app(Settings.from_env({"LEDGER_DATABASE_URL": "postgresql://unused@/unused"}))  # no database use
+    series = 'ledger_http_requests_total{app_name="ledger",method="OTHER",path="unmatched",status_code="405"}'
+
+    def count(text: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series))
+
+    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]  # Litestar's scope types are narrower
+    async with httpx.AsyncClient(transport=transport, base_url="http://ledger") as http:
+        before = count((await http.get("/metrics")).text)
+        assert (await http.request("LSK_SECRET", "/v1/topups")).status_code == 405
+        metrics = (await http.get("/metrics")).text
+    assert count(metrics) == before + 1
+    assert "LSK_SECRET" not in metrics
+
+
+async def test_an_unmatched_request_never_carries_an_earlier_calls_request_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In one task (in-process ASGI, tests), a request no route takes must not log the request_id an earlier call
+    bound."""
+    from ledger_service.api import middleware
+
+    seen: list[str | None] = []
+    monkeypatch.setattr(middleware, "log_request", lambda *args: seen.append(observability.request_id_var.get()))
+
+    async def no_route(scope: object, receive: object, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def sent(message: object) -> None:
+        return None
+
+    observability.bind_request_id("an-earlier-call")
+    wrapped = middleware.unrouted_middleware(no_route)
+    await wrapped({"type": "http", "method": "GET", "path": "/nope", "state": {}}, None, sent)  # type: ignore[arg-type]
+    assert seen == [None]

@@ -274,6 +274,7 @@ def generic_cases(endpoint: Endpoint) -> Iterator[Case]:
         raw["null"] = b"null"
         raw["empty-body"] = b""
         raw["whitespace-body"] = b" \r\n\t"
+        raw["form-feed-body"] = b"\x0c"
     for label, content in raw.items():
         yield Case(f"{endpoint.name}-{label}", endpoint.method, endpoint.path, endpoint.role, content)
     yield Case(
@@ -509,7 +510,12 @@ async def test_refund_without_body_or_with_null_is_not_a_server_error(world: Led
     else:
         assert response.json()["status"] == "refunded"
         return
-    response = await send(world, "POST", f"/v1/holds/{OPEN_HOLD}/refund", b" \n ", "relay")  # whitespace: no body
+    before = await db_state(world)
+    for not_json in (b"\x0c", b" \x0b\n"):  # whitespace to Python, not to JSON: refused, and nothing refunded
+        response = await send(world, "POST", f"/v1/holds/{OPEN_HOLD}/refund", not_json, "relay")
+        assert_problem(response, 400, "validation_error")
+    assert await db_state(world) == before
+    response = await send(world, "POST", f"/v1/holds/{OPEN_HOLD}/refund", b" \r\n\t", "relay")  # JSON's: no body
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "refunded"
 

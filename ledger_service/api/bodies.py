@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+_JSON_WHITESPACE = b" \t\r\n"
+"""RFC 8259's whitespace: bytes.strip() with no argument would also take a form feed or a vertical tab."""
+
 
 class StrictBody(AbstractDTO[T]):
     """The body of a request as the struct `T`, decoded strictly (400 `validation_error` otherwise). A body
@@ -39,9 +42,10 @@ class StrictBody(AbstractDTO[T]):
     __slots__ = ()
 
     def decode_bytes(self, value: bytes) -> Any:
-        if not value.strip():
+        if not value.strip(_JSON_WHITESPACE):
             # An empty body never gets here (Litestar passes it on as no body: the parameter's default, or a 400
-            # if it has none). Whitespace alone is no body either.
+            # if it has none). JSON's whitespace alone is no body either; other bytes (a form feed, say) go on to
+            # the decoder, which refuses them.
             handler = self.asgi_connection.route_handler
             if handler.parsed_data_field is not None and handler.parsed_data_field.is_optional:
                 return None

@@ -14,7 +14,7 @@ from prometheus_client import Gauge
 from ledger_service import metrics
 from ledger_service.api.auth import require_role
 from ledger_service.domain import errors
-from ledger_service.observability import log_request, request_id_var
+from ledger_service.observability import HTTP_METHODS, log_request, request_id_var
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _APP_NAME = "ledger"
@@ -98,6 +98,7 @@ def unrouted_middleware(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send)
             return
         started = time.perf_counter()
+        request_id_var.set(None)  # no route will bind one: a line must not carry an earlier call's
         status = 500
 
         async def capture(message: Message) -> None:
@@ -111,8 +112,11 @@ def unrouted_middleware(app: ASGIApp) -> ASGIApp:
         finally:
             if not scope.get("state", {}).get(_LOGGED):
                 method = str(scope.get("method", ""))
-                _record(method, "unmatched", status, time.perf_counter() - started)
-                log_request(method, "unmatched", status, started, None)
+                # Any method reaches here, not only the ones a route serves: a label per unknown method would
+                # grow the series without bound (and publish whatever the client sent) on the open /metrics.
+                label = method if method in HTTP_METHODS else "OTHER"
+                _record(label, "unmatched", status, time.perf_counter() - started)
+                log_request(method, "unmatched", status, started, None)  # which redacts an unknown method
 
     return middleware
 
