@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +52,8 @@ BATCH_SIZE = 100
 MEASURED = ("single", "batch", "hot", "direct", "bare", "schema")
 """The scenarios measured against pgbench, in the order they run; `reads` runs last, on a database of its own."""
 SCENARIOS = (*MEASURED, "reads")
+IN_PROCESS = {"direct": "planner", "bare": "client", "schema": "client"}
+"""The scenarios this process drives without the service, with what its CPU time is reported as."""
 PGBENCH_CLIENTS = 16
 
 
@@ -315,22 +317,33 @@ class InProcessBatches:
     async def drive(self, workload: Workload, run: str) -> Measurement:
         from ledger_service.schemas import BatchCommand
 
-        tally = Tally()
+        async def apply(operations: list[dict[str, Any]]) -> int:
+            view = await self.batches.run(msgspec.convert({"operations": operations}, BatchCommand, strict=True))
+            return sum(1 for result in view.results if result.status >= 300)
 
-        async def client(relay: Relay, stop_at: float) -> None:
-            pending: list[tuple[str, int]] = []
-            while time.perf_counter() < stop_at:
-                started = time.perf_counter()
-                command = msgspec.convert({"operations": relay.next_batch(pending)}, BatchCommand, strict=True)
-                view = await self.batches.run(command)
-                failed = sum(1 for result in view.results if result.status >= 300)
-                tally.record(200, time.perf_counter() - started, len(view.results) - failed)
-                tally.errors += failed
+        return await drive_batches(workload, run, apply)
 
-        relays = [Relay(None, n, workload, run) for n in range(workload.clients)]
-        started = time.perf_counter()
-        await asyncio.gather(*(client(relay, started + workload.duration) for relay in relays))
-        return measure(tally, time.perf_counter() - started)
+
+async def drive_batches(
+    workload: Workload, run: str, apply: Callable[[list[dict[str, Any]]], Awaitable[int]]
+) -> Measurement:
+    """The in-process batch scenarios: each client hands its batches (Relay.next_batch) to `apply`, one after
+    another, until the duration is up. `apply` returns how many operations of the batch were refused."""
+    tally = Tally()
+
+    async def client(relay: Relay, stop_at: float) -> None:
+        pending: list[tuple[str, int]] = []
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            operations = relay.next_batch(pending)
+            refused = await apply(operations)
+            tally.record(200, time.perf_counter() - started, len(operations) - refused)
+            tally.errors += refused
+
+    relays = [Relay(None, n, workload, run) for n in range(workload.clients)]
+    started = time.perf_counter()
+    await asyncio.gather(*(client(relay, started + workload.duration) for relay in relays))
+    return measure(tally, time.perf_counter() - started)
 
 
 async def read_latency(host: str, port: int, token: str, user: int, reads: int) -> float:
@@ -633,10 +646,8 @@ async def run_benchmark(options: Options, say: Callable[[str], None]) -> dict[st
                             await in_process.close()
                     operations = max(1.0, measured.ops_per_second * options.duration)
                     cpu = {party: seconds * 1000 / operations for party, seconds in cpu_used(before, after).items()}
-                    if name == "direct":  # this process planned: the service only ran its background jobs
-                        cpu = {"planner": cpu["load"], "postgres": cpu["postgres"], "service": cpu["service"]}
-                    elif name in FLOORS:  # this process only put the rows in arrays
-                        cpu = {"client": cpu["load"], "postgres": cpu["postgres"], "service": cpu["service"]}
+                    if name in IN_PROCESS:  # this process did the work: the service only ran its background jobs
+                        cpu = {IN_PROCESS[name]: cpu["load"], "postgres": cpu["postgres"], "service": cpu["service"]}
                     measured = dataclasses.replace(measured, cpu_ms_per_op=cpu)
                     runs[name].append(measured)
                     say(

@@ -19,13 +19,18 @@ postings trigger checks it).
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from ledger_service.bench import Measurement, Relay, Tally, Workload, measure
+from ledger_service.bench import Measurement, Workload, drive_batches
+from ledger_service.domain.entries import (
+    Posting,
+    direct_charge_postings,
+    hold_postings,
+    release_postings,
+    settle_postings,
+)
 
 if TYPE_CHECKING:
     from ledger_service.db.lifecycle import Pool
@@ -129,30 +134,21 @@ INSERT INTO postings (entry_id, ledger, account, amount)"""
 APPLY = {"bare": BARE_APPLY, "schema": SCHEMA_APPLY}
 
 
-def postings_of(
-    kind: str, request_id: str, user: int, channel: int, held: int, charge: int
-) -> list[tuple[str, str, int]]:
-    """The postings the service writes for this operation (domain/entries.py), as (ledger, account, amount). Odd
-    users' tokens are limited, as the benchmark funds them, so their operations also post to the allowance."""
-    hold, user_account, limited = f"hold:{request_id}", f"user:{user}", user % 2 == 1
-    quota: list[tuple[str, int]]
-    allowance: list[tuple[str, int]]
+def postings_of(kind: str, request_id: str, user: int, channel: int, held: int, charge: int) -> tuple[Posting, ...]:
+    """The postings the service writes for this operation: domain/entries.py's own rules. The benchmark's tokens
+    are numbered as their users, and odd users' tokens are limited (as it funds them), so their operations also
+    post to the allowance."""
+    limited = user % 2 == 1
     if kind == "hold":
-        quota = [(user_account, -held), (hold, held)]
-        allowance = [(f"token:{user}", -held), (hold, held)]
-    elif kind == "settle":
-        quota = [(hold, -held), (f"channel:{channel}", charge), (user_account, held - charge)]
-        allowance = [(hold, -held), ("system:allowance", charge), (f"token:{user}", held - charge)]
-    elif kind == "refund":
-        quota = [(hold, -held), (user_account, held)]
-        allowance = [(hold, -held), (f"token:{user}", held)]
-    else:  # a consumption: a charge with nothing held
-        quota = [(user_account, -charge), (f"channel:{channel}", charge)]
-        allowance = [(f"token:{user}", -charge), ("system:allowance", charge)]
-    postings = [("quota", account, amount) for account, amount in quota]
-    if limited:
-        postings += [("allowance", account, amount) for account, amount in allowance]
-    return postings
+        return hold_postings(request_id=request_id, user_id=user, token_id=user, amount=held, limited=limited)
+    if kind == "settle":
+        return settle_postings(
+            request_id=request_id, user_id=user, token_id=user, channel_id=channel, held=held, charge=charge,
+            limited=limited,
+        )  # fmt: skip
+    if kind == "refund":
+        return release_postings(request_id=request_id, user_id=user, token_id=user, held=held, limited=limited)
+    return direct_charge_postings(user_id=user, token_id=user, channel_id=channel, charge=charge, limited=limited)
 
 
 class FloorBatches:
@@ -179,22 +175,15 @@ class FloorBatches:
         await self.pool.close()
 
     async def drive(self, workload: Workload, run: str) -> Measurement:
-        tally = Tally()
+        holds: dict[str, tuple[int, int]] = {}  # request_id -> (user, held); request ids are each client's own
 
-        async def client(relay: Relay, stop_at: float) -> None:
-            pending: list[tuple[str, int]] = []
-            holds: dict[str, tuple[int, int]] = {}  # request_id -> (user, held)
-            while time.perf_counter() < stop_at:
-                started = time.perf_counter()
-                arrays = self.rows(relay.next_batch(pending), holds)
-                async with self.pool.acquire() as conn:
-                    await conn.execute(self.statement, *arrays)
-                tally.record(200, time.perf_counter() - started, len(arrays[0]))
+        async def apply(operations: list[dict[str, Any]]) -> int:
+            arrays = self.rows(operations, holds)
+            async with self.pool.acquire() as conn:
+                await conn.execute(self.statement, *arrays)
+            return 0  # the statement writes every row or fails
 
-        relays = [Relay(None, n, workload, run) for n in range(workload.clients)]
-        started = time.perf_counter()
-        await asyncio.gather(*(client(relay, started + workload.duration) for relay in relays))
-        return measure(tally, time.perf_counter() - started)
+        return await drive_batches(workload, run, apply)
 
     @staticmethod
     def rows(operations: list[dict[str, Any]], holds: dict[str, tuple[int, int]]) -> list[list[Any]]:

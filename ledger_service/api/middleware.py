@@ -46,6 +46,22 @@ def _record(method: str, route: str, status: int, seconds: float) -> None:
         series.errors.inc()
 
 
+class _ResponseStatus:
+    """The `send` of a request, noting the status of its response on the way: 500 until a response starts (an
+    exception with nothing sent yet is answered 500 by the server)."""
+
+    __slots__ = ("send", "status")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.status = 500
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = int(message["status"])
+        await self.send(message)
+
+
 _LOGGED = "ledger_access_logged"
 """Set in a request's scope state once access_log_middleware has taken the request (unrouted_middleware's cue)."""
 
@@ -60,7 +76,6 @@ def access_log_middleware(app: ASGIApp) -> ASGIApp:
         started = time.perf_counter()
         request_id_var.set(None)
         scope.setdefault("state", {})[_LOGGED] = True
-        status = 500
         method = str(scope.get("method", ""))
         route = str(scope.get("path_template") or "unmatched")
         gauge: Gauge | None = None
@@ -70,20 +85,15 @@ def access_log_middleware(app: ASGIApp) -> ASGIApp:
                 gauge = _in_progress[(method, route)] = metrics.HTTP_IN_PROGRESS.labels(_APP_NAME, method, route)
             gauge.inc()
 
-        async def capture(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
+        response = _ResponseStatus(send)
         try:
-            await app(scope, receive, capture)
+            await app(scope, receive, response)
         finally:
             if gauge is not None:
                 gauge.dec()
-                _record(method, route, status, time.perf_counter() - started)
+                _record(method, route, response.status, time.perf_counter() - started)
             principal = scope.get("state", {}).get("principal")
-            log_request(method, route, status, started, getattr(principal, "key_id", None))
+            log_request(method, route, response.status, started, getattr(principal, "key_id", None))
 
     return middleware
 
@@ -99,24 +109,18 @@ def unrouted_middleware(app: ASGIApp) -> ASGIApp:
             return
         started = time.perf_counter()
         request_id_var.set(None)  # no route will bind one: a line must not carry an earlier call's
-        status = 500
 
-        async def capture(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
+        response = _ResponseStatus(send)
         try:
-            await app(scope, receive, capture)
+            await app(scope, receive, response)
         finally:
             if not scope.get("state", {}).get(_LOGGED):
                 method = str(scope.get("method", ""))
                 # Any method reaches here, not only the ones a route serves: a label per unknown method would
                 # grow the series without bound (and publish whatever the client sent) on the open /metrics.
                 label = method if method in HTTP_METHODS else "OTHER"
-                _record(label, "unmatched", status, time.perf_counter() - started)
-                log_request(method, "unmatched", status, started, None)  # which redacts an unknown method
+                _record(label, "unmatched", response.status, time.perf_counter() - started)
+                log_request(method, "unmatched", response.status, started, None)  # which redacts an unknown method
 
     return middleware
 
