@@ -29,7 +29,7 @@ from ledger_service.db.lifecycle import SeenBalances, create_pool
 from ledger_service.services.ledger import LedgerService
 from ledger_service.services.lifecycle import LifecycleService
 from ledger_service.settings import Settings
-from tests.support import ADMIN_SECRET, Ledger
+from tests.support import ADMIN_SECRET, LedgerClient
 
 TEMPLATE = "ledger_template"
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns test output
@@ -108,11 +108,11 @@ async def client(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-async def ledger(client: httpx.AsyncClient, database_url: str) -> AsyncIterator[Ledger]:
+async def ledger(client: httpx.AsyncClient, database_url: str) -> AsyncIterator[LedgerClient]:
     """The service over HTTP, with an admin and a relay key, and a raw connection for checks behind its back."""
     conn = await asyncpg.connect(database_url)
     try:
-        helper = Ledger(client, conn)
+        helper = LedgerClient(client, conn)
         await helper.start()
         yield helper
     finally:

@@ -17,7 +17,7 @@ def unique(prefix: str = "req") -> str:
     return f"{prefix}-{next(_ids)}"
 
 
-class Ledger:
+class LedgerClient:
     """Drives the service over HTTP as a relay (or admin, or auditor) would."""
 
     def __init__(self, client: httpx.AsyncClient, conn: asyncpg.Connection[Any]) -> None:
@@ -146,7 +146,7 @@ SELECT
 """
 
 
-async def db_state(ledger: Ledger) -> dict[str, Any]:
+async def db_state(ledger: LedgerClient) -> dict[str, Any]:
     """Everything a write could touch: the append-only tables by count, the others by content (one round trip)."""
     row = await ledger.conn.fetchrow(STATE_SQL)
     assert row is not None

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from litestar import Litestar
 
-from tests.support import ADMIN_SECRET, Ledger, assert_problem, db_state
+from tests.support import ADMIN_SECRET, LedgerClient, assert_problem, db_state
 
 ROLES = ("admin", "relay", "auditor")
 ALL = frozenset(ROLES)
@@ -117,14 +117,14 @@ BAD_CALLERS = (
 # Helpers ---------------------------------------------------------------------------------------------------------
 
 
-async def create_key(ledger: Ledger, role: str, name: str = "access test key") -> dict[str, Any]:
+async def create_key(ledger: LedgerClient, role: str, name: str = "access test key") -> dict[str, Any]:
     response = await ledger.post("/v1/api-keys", {"name": name, "role": role}, as_="admin")
     assert response.status_code == 201, response.text
     body: dict[str, Any] = response.json()
     return body
 
 
-async def revoke(ledger: Ledger, key_id: int) -> httpx.Response:
+async def revoke(ledger: LedgerClient, key_id: int) -> httpx.Response:
     return await ledger.client.delete(f"/v1/api-keys/{key_id}", headers=ledger.headers("admin"))
 
 
@@ -183,7 +183,7 @@ async def test_every_route_is_in_the_table(app: Litestar) -> None:
 
 
 @pytest.fixture
-async def callers(ledger: Ledger) -> dict[str, dict[str, str]]:
+async def callers(ledger: LedgerClient) -> dict[str, dict[str, str]]:
     """Headers of every kind of caller, and some data so that allowed calls meet no business refusal."""
     await ledger.fund(1, 10_000_000)
     await ledger.token(1, 1)
@@ -205,12 +205,14 @@ async def callers(ledger: Ledger) -> dict[str, dict[str, str]]:
     }
 
 
-async def call(ledger: Ledger, route: Route, headers: dict[str, str], path: str) -> httpx.Response:
+async def call(ledger: LedgerClient, route: Route, headers: dict[str, str], path: str) -> httpx.Response:
     return await ledger.client.request(route.method, path, json=route.body, headers=headers)
 
 
 @pytest.mark.parametrize("route", ROUTES, ids=[route.label for route in ROUTES])
-async def test_access_matrix(app: Litestar, ledger: Ledger, callers: dict[str, dict[str, str]], route: Route) -> None:
+async def test_access_matrix(
+    app: Litestar, ledger: LedgerClient, callers: dict[str, dict[str, str]], route: Route
+) -> None:
     """Bad or missing keys -> 401 unauthorized, a role the route does not admit -> 403 forbidden, both writing
     nothing; an admitted role gets past the key check (whatever the handler then answers, it is not 401/403/5xx)."""
     assert is_served(app, route), f"{route.label} is in the contract, but the app serves no such route"
@@ -242,7 +244,7 @@ async def test_access_matrix(app: Litestar, ledger: Ledger, callers: dict[str, d
     assert failures == [], f"{route.label}:\n" + "\n".join(failures)
 
 
-async def test_health_needs_no_key(ledger: Ledger) -> None:
+async def test_health_needs_no_key(ledger: LedgerClient) -> None:
     response = await ledger.client.get("/health")
     assert response.status_code == 200, response.text
     assert response.json() == {"status": "ok", "database": "ok"}
@@ -250,7 +252,7 @@ async def test_health_needs_no_key(ledger: Ledger) -> None:
     assert response.status_code == 200, response.text
 
 
-async def test_unauthorized_answers_reveal_nothing_about_the_body(ledger: Ledger) -> None:
+async def test_unauthorized_answers_reveal_nothing_about_the_body(ledger: LedgerClient) -> None:
     """Without a valid key even a malformed body is a 401: the guard answers before the body is looked at."""
     for headers in ({}, bearer("lsk_unknown")):
         response = await ledger.client.post(
@@ -266,7 +268,7 @@ async def test_unauthorized_answers_reveal_nothing_about_the_body(ledger: Ledger
 # API key lifecycle -----------------------------------------------------------------------------------------------
 
 
-async def test_created_key_is_shown_once_and_works_for_its_role(ledger: Ledger) -> None:
+async def test_created_key_is_shown_once_and_works_for_its_role(ledger: LedgerClient) -> None:
     response = await ledger.post("/v1/api-keys", {"name": "finance dashboard", "role": "auditor"}, as_="admin")
     assert response.status_code == 201, response.text
     created = response.json()
@@ -291,7 +293,7 @@ async def test_created_key_is_shown_once_and_works_for_its_role(ledger: Ledger) 
     assert other["id"] != created["id"]
 
 
-async def test_key_list_never_shows_a_secret(ledger: Ledger) -> None:
+async def test_key_list_never_shows_a_secret(ledger: LedgerClient) -> None:
     created = await create_key(ledger, "relay", "relay eu-1")
     response = await ledger.get("/v1/api-keys", as_="admin")
     assert response.status_code == 200, response.text
@@ -311,7 +313,7 @@ async def test_key_list_never_shows_a_secret(ledger: Ledger) -> None:
         assert bytes(row["key_hash"]).hex() not in response.text.lower()
 
 
-async def test_only_a_32_byte_hash_is_stored(ledger: Ledger) -> None:
+async def test_only_a_32_byte_hash_is_stored(ledger: LedgerClient) -> None:
     created = await create_key(ledger, "relay", "hash check")
     secret: str = created["key"]
     row = await ledger.conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", created["id"])
@@ -330,7 +332,7 @@ async def test_only_a_32_byte_hash_is_stored(ledger: Ledger) -> None:
     assert await ledger.count("SELECT count(*) FROM api_keys WHERE octet_length(key_hash) <> 32") == 0
 
 
-async def test_revoked_key_stops_working_at_once(ledger: Ledger) -> None:
+async def test_revoked_key_stops_working_at_once(ledger: LedgerClient) -> None:
     created = await create_key(ledger, "relay", "to revoke")
     headers = bearer(created["key"])
     # Used first, so any cache of recognised keys knows it.
@@ -363,7 +365,7 @@ async def test_revoked_key_stops_working_at_once(ledger: Ledger) -> None:
     assert (await ledger.get("/v1/api-keys", as_="admin")).status_code == 200
 
 
-async def test_deleting_an_unknown_key_is_a_404(ledger: Ledger) -> None:
+async def test_deleting_an_unknown_key_is_a_404(ledger: LedgerClient) -> None:
     before = await db_state(ledger)
     response = await ledger.client.delete("/v1/api-keys/987654321", headers=ledger.headers("admin"))
     assert_problem(response, 404)
@@ -387,7 +389,7 @@ INVALID_KEY_BODIES: dict[str, Any] = {
 }
 
 
-async def test_invalid_role_or_name_is_refused(ledger: Ledger) -> None:
+async def test_invalid_role_or_name_is_refused(ledger: LedgerClient) -> None:
     before = await db_state(ledger)
     failures = []
     for label, body in INVALID_KEY_BODIES.items():

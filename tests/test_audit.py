@@ -17,18 +17,18 @@ from ledger_service.db import reconciliation
 from ledger_service.services.audit import AuditService
 from ledger_service.services.housekeeping import refresh_snapshots
 from ledger_service.services.ledger import LedgerService
-from tests.support import Ledger, unique
+from tests.support import LedgerClient, unique
 from tests.test_snapshots import topup_sql
 
 
-async def feed(ledger: Ledger, query: str = "") -> dict[str, Any]:
+async def feed(ledger: LedgerClient, query: str = "") -> dict[str, Any]:
     response = await ledger.get(f"/v1/entries{query}", as_="auditor")
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
 
 
-async def follow(ledger: Ledger, cursor: str | None, limit: int = 2) -> tuple[list[int], str | None]:
+async def follow(ledger: LedgerClient, cursor: str | None, limit: int = 2) -> tuple[list[int], str | None]:
     """Follow the feed from `cursor` to its current end; the ids seen and the cursor to poll with later."""
     seen: list[int] = []
     while True:
@@ -40,7 +40,7 @@ async def follow(ledger: Ledger, cursor: str | None, limit: int = 2) -> tuple[li
             return seen, cursor
 
 
-async def workload(ledger: Ledger) -> None:
+async def workload(ledger: LedgerClient) -> None:
     await ledger.fund(1, 1_000_000)
     await ledger.fund(2, 500_000)
     await ledger.token(1, 1, remaining=100_000)
@@ -58,7 +58,7 @@ async def workload(ledger: Ledger) -> None:
 # The feed ------------------------------------------------------------------------------------------------------
 
 
-async def test_the_feed_pages_through_every_entry_once(ledger: Ledger) -> None:
+async def test_the_feed_pages_through_every_entry_once(ledger: LedgerClient) -> None:
     await workload(ledger)
     seen, cursor = await follow(ledger, None, limit=3)
     all_ids = [row["id"] for row in await ledger.conn.fetch("SELECT id FROM entries ORDER BY txid, id")]
@@ -72,7 +72,7 @@ async def test_the_feed_pages_through_every_entry_once(ledger: Ledger) -> None:
     assert len(more) == 1
 
 
-async def test_an_entry_that_commits_late_is_not_skipped_by_a_reader(ledger: Ledger, database_url: str) -> None:
+async def test_an_entry_that_commits_late_is_not_skipped_by_a_reader(ledger: LedgerClient, database_url: str) -> None:
     await ledger.fund(1, 1)
     seen, cursor = await follow(ledger, None)
     assert len(seen) == 1
@@ -105,7 +105,7 @@ async def test_an_entry_that_commits_late_is_not_skipped_by_a_reader(ledger: Led
         ("?kind=settle&user_id=2", "SELECT id FROM entries WHERE kind = 'settle' AND user_id = 2"),
     ],
 )
-async def test_feed_filters(ledger: Ledger, query: str, expected: str) -> None:
+async def test_feed_filters(ledger: LedgerClient, query: str, expected: str) -> None:
     await workload(ledger)
     page = await feed(ledger, query + "&limit=1000")
     wanted = {row["id"] for row in await ledger.conn.fetch(expected)}
@@ -113,7 +113,7 @@ async def test_feed_filters(ledger: Ledger, query: str, expected: str) -> None:
     assert {entry["id"] for entry in page["items"]} == wanted
 
 
-async def test_feed_time_window(ledger: Ledger) -> None:
+async def test_feed_time_window(ledger: LedgerClient) -> None:
     await workload(ledger)
     times = sorted(row["created_at"] for row in await ledger.conn.fetch("SELECT created_at FROM entries"))
     middle = times[len(times) // 2]
@@ -128,7 +128,7 @@ async def test_feed_time_window(ledger: Ledger) -> None:
     ["?cursor=nonsense", "?cursor=MTIz", "?limit=0", "?limit=1001", "?limit=ten", "?kind=payout", "?user_id=0",
      "?from=yesterday", "?from=2026-01-01T00:00:00", "?request_id=a%20b"],
 )  # fmt: skip
-async def test_feed_refuses_bad_parameters(ledger: Ledger, query: str) -> None:
+async def test_feed_refuses_bad_parameters(ledger: LedgerClient, query: str) -> None:
     response = await ledger.get(f"/v1/entries{query}", as_="auditor")
     assert (response.status_code, response.json()["code"]) == (400, "validation_error")
 
@@ -136,7 +136,7 @@ async def test_feed_refuses_bad_parameters(ledger: Ledger, query: str) -> None:
 # Reversals -----------------------------------------------------------------------------------------------------
 
 
-async def test_a_reversal_negates_an_entry_once(ledger: Ledger) -> None:
+async def test_a_reversal_negates_an_entry_once(ledger: LedgerClient) -> None:
     funded = await ledger.fund(1, 700)
     entry_id = funded["entry"]["id"]
     body = {"reference": "rev-1", "note": "paid twice"}
@@ -160,7 +160,7 @@ async def test_a_reversal_negates_an_entry_once(ledger: Ledger) -> None:
     await ledger.assert_books_balance()
 
 
-async def test_entries_through_a_hold_account_cannot_be_reversed(ledger: Ledger) -> None:
+async def test_entries_through_a_hold_account_cannot_be_reversed(ledger: LedgerClient) -> None:
     await ledger.fund(1, 100_000)
     await ledger.token(1, 1)
     await ledger.hold(request_id="h", max_tokens=10)
@@ -170,7 +170,7 @@ async def test_entries_through_a_hold_account_cannot_be_reversed(ledger: Ledger)
     assert await ledger.count("SELECT count(*) FROM entries WHERE kind = 'reversal'") == 0
 
 
-async def test_reversing_a_charge_takes_its_usage_with_it(ledger: Ledger) -> None:
+async def test_reversing_a_charge_takes_its_usage_with_it(ledger: LedgerClient) -> None:
     await workload(ledger)
     consume = await ledger.conn.fetchval("SELECT id FROM entries WHERE kind = 'consume'")
     channel_before = (await ledger.get("/v1/channels/2")).json()
@@ -188,7 +188,7 @@ async def test_reversing_a_charge_takes_its_usage_with_it(ledger: Ledger) -> Non
     assert reconciliation["ok"], reconciliation
 
 
-async def test_concurrent_reversals_of_one_entry_post_one(ledger: Ledger) -> None:
+async def test_concurrent_reversals_of_one_entry_post_one(ledger: LedgerClient) -> None:
     entry_id = (await ledger.fund(1, 700))["entry"]["id"]
     responses = await asyncio.gather(
         *(ledger.post(f"/v1/entries/{entry_id}/reverse", {"reference": f"r{i}"}, as_="admin") for i in range(8))
@@ -201,7 +201,7 @@ async def test_concurrent_reversals_of_one_entry_post_one(ledger: Ledger) -> Non
 # Balances at past instants and statements ----------------------------------------------------------------------
 
 
-async def replayed_balance(ledger: Ledger, account: str, ledger_name: str, moment: datetime) -> int:
+async def replayed_balance(ledger: LedgerClient, account: str, ledger_name: str, moment: datetime) -> int:
     return int(
         await ledger.conn.fetchval(
             """SELECT coalesce(sum(p.amount), 0) FROM postings p JOIN entries e ON e.id = p.entry_id
@@ -215,7 +215,7 @@ async def replayed_balance(ledger: Ledger, account: str, ledger_name: str, momen
 
 @pytest.mark.parametrize("checkpoints", [False, True])
 async def test_balances_as_of_any_instant_agree_with_replaying_the_entries(
-    ledger: Ledger, service: LedgerService, checkpoints: bool
+    ledger: LedgerClient, service: LedgerService, checkpoints: bool
 ) -> None:
     for round_ in range(3):
         await workload_round(ledger, round_)
@@ -235,7 +235,7 @@ async def test_balances_as_of_any_instant_agree_with_replaying_the_entries(
         assert await ledger.count("SELECT count(*) FROM balance_history") > 0
 
 
-async def workload_round(ledger: Ledger, round_: int) -> None:
+async def workload_round(ledger: LedgerClient, round_: int) -> None:
     if round_ == 0:
         await ledger.fund(1, 100_000)
         await ledger.token(1, 1, remaining=50_000)
@@ -245,7 +245,7 @@ async def workload_round(ledger: Ledger, round_: int) -> None:
         await ledger.post(f"/v1/holds/{rid}/settle", {"channel_id": 1, "prompt_tokens": 10, "completion_tokens": i})
 
 
-async def test_current_account_balances_and_bad_addresses(ledger: Ledger) -> None:
+async def test_current_account_balances_and_bad_addresses(ledger: LedgerClient) -> None:
     await workload(ledger)
     now = (await ledger.get("/v1/accounts/user:1", as_="auditor")).json()
     assert now["balances"] == {"quota": await ledger.raw_balance("user:1")}
@@ -261,7 +261,7 @@ async def test_current_account_balances_and_bad_addresses(ledger: Ledger) -> Non
 
 
 @pytest.mark.parametrize("snapshot_midway", [False, True])
-async def test_statement_running_balances(ledger: Ledger, service: LedgerService, snapshot_midway: bool) -> None:
+async def test_statement_running_balances(ledger: LedgerClient, service: LedgerService, snapshot_midway: bool) -> None:
     await ledger.fund(1, 100_000)
     await ledger.token(1, 1)
     for i in range(5):
@@ -293,7 +293,7 @@ async def test_statement_running_balances(ledger: Ledger, service: LedgerService
 # Reports -------------------------------------------------------------------------------------------------------
 
 
-async def test_trial_balance(ledger: Ledger, service: LedgerService) -> None:
+async def test_trial_balance(ledger: LedgerClient, service: LedgerService) -> None:
     await workload(ledger)
     for refresh_first in (False, True):
         if refresh_first:
@@ -313,7 +313,7 @@ async def test_trial_balance(ledger: Ledger, service: LedgerService) -> None:
     assert past["ledgers"]["quota"] == {"total": 0, "by_kind": {}}
 
 
-async def test_usage_report_agrees_with_channel_balances(ledger: Ledger) -> None:
+async def test_usage_report_agrees_with_channel_balances(ledger: LedgerClient) -> None:
     await workload(ledger)
     report = (await ledger.get("/v1/reports/usage?group_by=channel&bucket=none", as_="auditor")).json()
     assert {row["key"]: row["quota"] for row in report["rows"]} == {
@@ -335,7 +335,7 @@ async def test_usage_report_agrees_with_channel_balances(ledger: Ledger) -> None
     assert future["rows"] == []
 
 
-async def test_usage_report_as_csv(ledger: Ledger) -> None:
+async def test_usage_report_as_csv(ledger: LedgerClient) -> None:
     await workload(ledger)
     response = await ledger.client.get(
         "/v1/reports/usage?group_by=token&bucket=none",
@@ -350,12 +350,12 @@ async def test_usage_report_as_csv(ledger: Ledger) -> None:
 
 
 @pytest.mark.parametrize("query", ["?group_by=planet", "?bucket=week", "?to=soon"])
-async def test_usage_report_refuses_bad_parameters(ledger: Ledger, query: str) -> None:
+async def test_usage_report_refuses_bad_parameters(ledger: LedgerClient, query: str) -> None:
     response = await ledger.get(f"/v1/reports/usage{query}", as_="auditor")
     assert (response.status_code, response.json()["code"]) == (400, "validation_error")
 
 
-async def test_a_clean_ledger_reconciles_and_seals(ledger: Ledger, service: LedgerService) -> None:
+async def test_a_clean_ledger_reconciles_and_seals(ledger: LedgerClient, service: LedgerService) -> None:
     await workload(ledger)
     audit = AuditService(service.engine, sweep_interval_seconds=5)
     await refresh_snapshots(service.engine)
@@ -374,7 +374,7 @@ async def test_a_clean_ledger_reconciles_and_seals(ledger: Ledger, service: Ledg
     assert chain["detail"].startswith(f"{sealed + 1} entries and 1 blocks")
 
 
-async def test_a_statement_paged_one_posting_at_a_time_misses_none(ledger: Ledger) -> None:
+async def test_a_statement_paged_one_posting_at_a_time_misses_none(ledger: LedgerClient) -> None:
     """A hold account is posted in both ledgers by one entry: a page may end between the two postings."""
     await ledger.fund(1, 100_000)
     await ledger.token(1, 1, remaining=50_000)

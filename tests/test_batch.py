@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Ledger
+from tests.support import LedgerClient
 
 
 def hold(request_id: str, user: int = 1, **extra: Any) -> dict[str, Any]:
@@ -20,7 +20,7 @@ def settle(request_id: str, completion: int = 10) -> dict[str, Any]:
     return {"op": "settle", "request_id": request_id, "body": body}
 
 
-async def batch(ledger: Ledger, operations: list[dict[str, Any]], atomic: bool = False) -> list[dict[str, Any]]:
+async def batch(ledger: LedgerClient, operations: list[dict[str, Any]], atomic: bool = False) -> list[dict[str, Any]]:
     response = await ledger.post("/v1/batch", {"operations": operations, "atomic": atomic})
     assert response.status_code == 200, response.text
     results: list[dict[str, Any]] = response.json()["results"]
@@ -29,14 +29,14 @@ async def batch(ledger: Ledger, operations: list[dict[str, Any]], atomic: bool =
 
 
 @pytest.fixture
-async def funded(ledger: Ledger) -> Ledger:
+async def funded(ledger: LedgerClient) -> LedgerClient:
     for user in (1, 2):
         await ledger.fund(user, 10_000)
         await ledger.token(user, user)
     return ledger
 
 
-async def test_each_result_is_what_the_single_call_answers(funded: Ledger) -> None:
+async def test_each_result_is_what_the_single_call_answers(funded: LedgerClient) -> None:
     operations = [
         hold("b1"),
         hold("b2"),
@@ -77,7 +77,7 @@ async def test_each_result_is_what_the_single_call_answers(funded: Ledger) -> No
     await funded.assert_books_balance()
 
 
-async def test_the_same_batch_again_is_all_replays(funded: Ledger) -> None:
+async def test_the_same_batch_again_is_all_replays(funded: LedgerClient) -> None:
     operations = [hold("r1"), hold("r2"), settle("r1")]
     first = await batch(funded, operations)
     before = await funded.count("SELECT count(*) FROM postings")
@@ -88,7 +88,7 @@ async def test_the_same_batch_again_is_all_replays(funded: Ledger) -> None:
     assert await funded.count("SELECT count(*) FROM postings") == before
 
 
-async def test_atomic_batches_apply_all_or_nothing(funded: Ledger) -> None:
+async def test_atomic_batches_apply_all_or_nothing(funded: LedgerClient) -> None:
     applied = await batch(funded, [hold("a1"), hold("a2"), settle("a1")], atomic=True)
     assert [r["status"] for r in applied] == [201, 201, 200]
     before = (await funded.count("SELECT count(*) FROM entries"), await funded.count("SELECT count(*) FROM requests"))
@@ -104,7 +104,7 @@ async def test_atomic_batches_apply_all_or_nothing(funded: Ledger) -> None:
     assert await funded.count("SELECT count(*) FROM requests WHERE request_id = 'a5'") == 0
 
 
-async def test_a_malformed_operation_body_is_answered_alone(funded: Ledger) -> None:
+async def test_a_malformed_operation_body_is_answered_alone(funded: LedgerClient) -> None:
     results = await batch(
         funded,
         [
@@ -128,13 +128,13 @@ async def test_a_malformed_operation_body_is_answered_alone(funded: Ledger) -> N
         {"operations": [hold("u")], "extra": 1},
     ],
 )
-async def test_malformed_batches_are_refused_whole(ledger: Ledger, body: dict[str, Any]) -> None:
+async def test_malformed_batches_are_refused_whole(ledger: LedgerClient, body: dict[str, Any]) -> None:
     response = await ledger.post("/v1/batch", body)
     assert (response.status_code, response.json()["code"]) == (400, "validation_error")
     assert await ledger.count("SELECT count(*) FROM requests") == 0
 
 
-async def test_concurrent_batches_over_the_same_users_do_not_deadlock(ledger: Ledger) -> None:
+async def test_concurrent_batches_over_the_same_users_do_not_deadlock(ledger: LedgerClient) -> None:
     users = range(1, 6)
     for user in users:
         await ledger.fund(user, 10**7)
@@ -149,7 +149,7 @@ async def test_concurrent_batches_over_the_same_users_do_not_deadlock(ledger: Le
     await ledger.assert_books_balance()
 
 
-async def test_batches_need_a_writing_role(ledger: Ledger) -> None:
+async def test_batches_need_a_writing_role(ledger: LedgerClient) -> None:
     response = await ledger.post("/v1/batch", {"operations": [hold("x")]}, as_="auditor")
     assert (response.status_code, response.json()["code"]) == (403, "forbidden")
 
@@ -158,7 +158,7 @@ CONSUMED = {"user_id": 1, "token_id": 1, "channel_id": 1, "model": "gpt-4o", "pr
 SETTLED = {"channel_id": 1, "prompt_tokens": 0, "completion_tokens": 0}
 
 
-async def test_refusals_write_nothing_even_without_a_savepoint(funded: Ledger) -> None:
+async def test_refusals_write_nothing_even_without_a_savepoint(funded: LedgerClient) -> None:
     """Batches rely on every operation refusing before its first write: a batch of refusals leaves no trace."""
     await batch(funded, [hold("taken"), hold("done"), settle("done"), hold("gone")])
     await batch(funded, [{"op": "refund", "request_id": "gone", "body": {}}])

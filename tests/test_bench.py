@@ -8,7 +8,7 @@ import pytest
 
 from ledger_service.bench import BATCH_SIZE, InProcessBatches, Relay, Tally, Workload, measure, profile_breakdown
 from ledger_service.bench_floor import FLOORS, FloorBatches, postings_of
-from tests.support import Ledger
+from tests.support import LedgerClient
 
 
 def test_profile_breakdown_groups_samples_by_the_innermost_library() -> None:
@@ -48,7 +48,9 @@ def test_each_batch_resolves_the_previous_batchs_holds_and_fills_up_with_new_one
     assert all(op["op"] in ("hold", "consume") for op in second[len(opened) :])
 
 
-async def test_the_direct_scenario_plans_and_applies_batches_in_process(ledger: Ledger, database_url: str) -> None:
+async def test_the_direct_scenario_plans_and_applies_batches_in_process(
+    ledger: LedgerClient, database_url: str
+) -> None:
     for user in (1, 2):
         await ledger.fund(user, 10**12)
         await ledger.token(user, user)

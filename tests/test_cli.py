@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from tests.processes import AUTH, service_process
-from tests.support import Ledger
+from tests.support import LedgerClient
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -43,7 +43,7 @@ async def test_serve_with_no_settings_starts_its_own_postgres(tmp_path: Path) ->
         assert user["available"] == 10
 
 
-async def test_create_key_prints_a_working_secret_once(ledger: Ledger, database_url: str) -> None:
+async def test_create_key_prints_a_working_secret_once(ledger: LedgerClient, database_url: str) -> None:
     result = await asyncio.to_thread(
         run_cli, "create-key", "--role", "auditor", "--name", "finance", LEDGER_DATABASE_URL=database_url
     )

@@ -15,13 +15,13 @@ import httpx
 import pytest
 
 from ledger_service.db import lifecycle as lifecycle_db
-from ledger_service.domain.accounts import Ledger as LedgerName
+from ledger_service.domain.accounts import SubLedger as LedgerName
 from ledger_service.domain.planning import Operation, Plan, Planner, Result, Snapshot
 from ledger_service.schemas import HoldCommand
 from ledger_service.services.housekeeping import refresh_snapshots
 from ledger_service.services.ledger import LedgerService
 from ledger_service.services.lifecycle import LifecycleService
-from tests.support import Ledger
+from tests.support import LedgerClient
 
 ESTIMATE = 2000  # gpt-4o, prompt 100 + max 200 + 500 pre-consumed, x 2.5
 
@@ -30,13 +30,13 @@ def codes(responses: list[httpx.Response]) -> Counter[str]:
     return Counter(str(r.status_code) if r.status_code < 400 else r.json()["code"] for r in responses)
 
 
-async def fifty_holds(ledger: Ledger) -> list[httpx.Response]:
+async def fifty_holds(ledger: LedgerClient) -> list[httpx.Response]:
     return list(
         await asyncio.gather(*(ledger.hold(request_id=f"r{i}", prompt_tokens=100, max_tokens=200) for i in range(50)))
     )
 
 
-async def test_fifty_concurrent_holds_on_quota_for_ten(ledger: Ledger) -> None:
+async def test_fifty_concurrent_holds_on_quota_for_ten(ledger: LedgerClient) -> None:
     await ledger.fund(1, 10 * ESTIMATE)
     await ledger.token(1, 1)
     responses = await fifty_holds(ledger)
@@ -47,7 +47,7 @@ async def test_fifty_concurrent_holds_on_quota_for_ten(ledger: Ledger) -> None:
     await ledger.assert_books_balance()
 
 
-async def test_fifty_concurrent_holds_on_a_token_capped_for_ten(ledger: Ledger) -> None:
+async def test_fifty_concurrent_holds_on_a_token_capped_for_ten(ledger: LedgerClient) -> None:
     await ledger.fund(1, 50 * ESTIMATE)
     await ledger.token(1, 1, remaining=10 * ESTIMATE)
     responses = await fifty_holds(ledger)
@@ -59,7 +59,7 @@ async def test_fifty_concurrent_holds_on_a_token_capped_for_ten(ledger: Ledger) 
 
 
 async def test_without_the_plans_premises_and_locks_the_same_load_oversells(
-    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+    ledger: LedgerClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Control: the tests above can fail. Apply every plan without its premises and without the users' locks, and
     the 50 holds, each planned from a balance read before the others committed, oversell the quota."""
@@ -81,7 +81,7 @@ async def test_without_the_plans_premises_and_locks_the_same_load_oversells(
     assert (await ledger.user(1))["available"] < 0
 
 
-async def test_identical_holds_at_the_same_moment_create_one_hold(ledger: Ledger) -> None:
+async def test_identical_holds_at_the_same_moment_create_one_hold(ledger: LedgerClient) -> None:
     await ledger.fund(1, 100_000)
     await ledger.token(1, 1)
     body = {"request_id": "same", "user_id": 1, "token_id": 1, "model": "gpt-4o", "prompt_tokens": 100}
@@ -92,7 +92,7 @@ async def test_identical_holds_at_the_same_moment_create_one_hold(ledger: Ledger
     assert await ledger.count("SELECT count(*) FROM entries WHERE kind = 'hold'") == 1
 
 
-async def test_one_request_id_raced_by_two_users_is_one_hold(ledger: Ledger) -> None:
+async def test_one_request_id_raced_by_two_users_is_one_hold(ledger: LedgerClient) -> None:
     for user in (1, 2):
         await ledger.fund(user, 100_000)
         await ledger.token(user, user)
@@ -109,7 +109,7 @@ async def test_one_request_id_raced_by_two_users_is_one_hold(ledger: Ledger) -> 
     await ledger.assert_books_balance()
 
 
-async def test_settle_and_refund_racing_on_one_hold(ledger: Ledger) -> None:
+async def test_settle_and_refund_racing_on_one_hold(ledger: LedgerClient) -> None:
     await ledger.fund(1, 100_000)
     await ledger.token(1, 1)
     for i in range(10):
@@ -133,7 +133,7 @@ async def test_settle_and_refund_racing_on_one_hold(ledger: Ledger) -> None:
     await ledger.assert_books_balance()
 
 
-async def test_many_identical_settlements_settle_once(ledger: Ledger) -> None:
+async def test_many_identical_settlements_settle_once(ledger: LedgerClient) -> None:
     await ledger.fund(1, 100_000)
     await ledger.token(1, 1)
     await ledger.hold(request_id="s", prompt_tokens=100, max_tokens=200)
@@ -145,7 +145,7 @@ async def test_many_identical_settlements_settle_once(ledger: Ledger) -> None:
     assert (await ledger.user(1))["available"] == 100_000 - 1250
 
 
-async def test_a_new_token_raced_by_two_users_belongs_to_one(ledger: Ledger) -> None:
+async def test_a_new_token_raced_by_two_users_belongs_to_one(ledger: LedgerClient) -> None:
     bodies = [{"user_id": u, "unlimited": False, "remaining": 100 * u} for u in (1, 2) * 5]
     responses = await asyncio.gather(*(ledger.put("/v1/tokens/77", b) for b in bodies))
     owner = (await ledger.token_view(77))["user_id"]
@@ -158,7 +158,7 @@ async def test_a_new_token_raced_by_two_users_belongs_to_one(ledger: Ledger) -> 
     await ledger.assert_books_balance()
 
 
-async def test_holds_stay_serialized_when_the_database_defaults_to_repeatable_read(ledger: Ledger) -> None:
+async def test_holds_stay_serialized_when_the_database_defaults_to_repeatable_read(ledger: LedgerClient) -> None:
     """The hold's argument needs READ COMMITTED; the engine pins it, whatever the database's default says."""
     await ledger.conn.execute(
         "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = ''repeatable read''',"
@@ -171,7 +171,7 @@ async def test_holds_stay_serialized_when_the_database_defaults_to_repeatable_re
     assert (await ledger.user(1))["available"] == 0
 
 
-async def _plan_hold(ledger: Ledger, request_id: str, trust_factor: int = 0) -> tuple[Plan, Snapshot]:
+async def _plan_hold(ledger: LedgerClient, request_id: str, trust_factor: int = 0) -> tuple[Plan, Snapshot]:
     """A hold of ESTIMATE for user 1, planned from what the database says now (not yet applied)."""
     command = HoldCommand(
         request_id=request_id, user_id=1, token_id=1, model="gpt-4o", prompt_tokens=100, max_tokens=200
@@ -183,7 +183,9 @@ async def _plan_hold(ledger: Ledger, request_id: str, trust_factor: int = 0) -> 
 
 
 @pytest.mark.parametrize("with_premises", [True, False])
-async def test_a_plan_whose_balance_changed_is_stale_and_writes_nothing(ledger: Ledger, with_premises: bool) -> None:
+async def test_a_plan_whose_balance_changed_is_stale_and_writes_nothing(
+    ledger: LedgerClient, with_premises: bool
+) -> None:
     """Two holds planned from the same balance, applied one after the other: the second plan's premise (the balance
     it was decided on) no longer holds, so it writes nothing. Control: without premises it overdraws the user."""
     await ledger.fund(1, ESTIMATE + ESTIMATE // 2)
@@ -203,7 +205,9 @@ async def test_a_plan_whose_balance_changed_is_stale_and_writes_nothing(ledger: 
 
 
 @pytest.mark.parametrize("with_premises", [True, False])
-async def test_a_trusted_hold_whose_user_no_longer_qualifies_is_stale(ledger: Ledger, with_premises: bool) -> None:
+async def test_a_trusted_hold_whose_user_no_longer_qualifies_is_stale(
+    ledger: LedgerClient, with_premises: bool
+) -> None:
     """Trust (nothing held) was decided on a balance above 100 x the estimate; a consumption then takes the user
     below it. The plan's premise covers the trust rule too: it goes stale. Control: without premises the user
     gets an unbacked trusted hold."""
@@ -231,7 +235,7 @@ DRAIN = (
 
 @pytest.mark.parametrize("with_premises", [True, False])
 async def test_a_drain_in_flight_during_the_read_makes_the_plan_stale(
-    ledger: Ledger, raw: asyncpg.Connection[Any], with_premises: bool
+    ledger: LedgerClient, raw: asyncpg.Connection[Any], with_premises: bool
 ) -> None:
     """A transaction that has posted but not committed when the plan reads its balance, and commits before the plan
     is applied: the read could not see its postings, and the premise check must count them (its transaction was
@@ -249,7 +253,7 @@ async def test_a_drain_in_flight_during_the_read_makes_the_plan_stale(
 
 
 async def test_a_plan_read_before_a_snapshot_refresh_still_sees_what_changed(
-    ledger: Ledger, service: LedgerService
+    ledger: LedgerClient, service: LedgerService
 ) -> None:
     """A snapshot refresh between a plan's read and its apply moves the horizon past the read: the check then reads
     the balance in full (the other path), and a drain committed in between still makes the plan stale."""
@@ -266,7 +270,7 @@ async def test_a_plan_read_before_a_snapshot_refresh_still_sees_what_changed(
 
 
 async def test_a_balance_read_again_is_the_one_seen_plus_what_its_snapshot_could_not_see(
-    ledger: Ledger, raw: asyncpg.Connection[Any]
+    ledger: LedgerClient, raw: asyncpg.Connection[Any]
 ) -> None:
     """A balance this process read before is brought up to date from the snapshot it was read in: a drain
     committed since counts, one still in flight does not until it commits, and each answer equals a full read."""
@@ -309,7 +313,7 @@ def test_a_remembered_balance_is_read_in_full_again_once_its_chain_is_old() -> N
 
 
 async def test_a_balance_read_inside_a_transaction_with_an_id_is_not_remembered(
-    ledger: Ledger, raw: asyncpg.Connection[Any]
+    ledger: LedgerClient, raw: asyncpg.Connection[Any]
 ) -> None:
     """A snapshot taken inside a transaction that already has an id leaves that transaction out of its in-progress
     list, as if it had committed: once a later id has committed, that transaction's own later postings would
@@ -333,7 +337,7 @@ async def test_a_balance_read_inside_a_transaction_with_an_id_is_not_remembered(
     assert again.balances[key] == full.balances[key] == 9 * ESTIMATE
 
 
-async def test_a_trust_threshold_beyond_bigint_is_still_a_premise(ledger: Ledger) -> None:
+async def test_a_trust_threshold_beyond_bigint_is_still_a_premise(ledger: LedgerClient) -> None:
     """With the largest trust factor, a hold of 10^15 has a threshold of 10^21, beyond any stored amount; its premise
     ('at most the threshold') must still be checked rather than fail the whole plan (bounds are numeric)."""
     await ledger.fund(1, 10**15)

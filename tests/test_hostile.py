@@ -8,7 +8,7 @@ import json
 import pytest
 
 from ledger_service.settings import Settings
-from tests.support import ADMIN_SECRET, Ledger, assert_problem
+from tests.support import ADMIN_SECRET, LedgerClient, assert_problem
 
 BODY_LIMIT = 4096
 
@@ -26,11 +26,11 @@ def settings(database_url: str) -> Settings:
     )
 
 
-async def counts(ledger: Ledger) -> tuple[int, int]:
+async def counts(ledger: LedgerClient) -> tuple[int, int]:
     return (await ledger.count("SELECT count(*) FROM entries"), await ledger.count("SELECT count(*) FROM requests"))
 
 
-async def test_an_oversized_body_is_refused_with_413(ledger: Ledger) -> None:
+async def test_an_oversized_body_is_refused_with_413(ledger: LedgerClient) -> None:
     before = await counts(ledger)
     body = {"user_id": 1, "amount": 5, "reference": "big", "note": "x" * (BODY_LIMIT * 2)}
     response = await ledger.post("/v1/topups", body, as_="admin")
@@ -38,7 +38,7 @@ async def test_an_oversized_body_is_refused_with_413(ledger: Ledger) -> None:
     assert await counts(ledger) == before
 
 
-async def test_deep_and_wide_json_is_refused_with_400(ledger: Ledger) -> None:
+async def test_deep_and_wide_json_is_refused_with_400(ledger: LedgerClient) -> None:
     before = await counts(ledger)
     headers = {**ledger.headers("admin"), "content-type": "application/json"}
     deep = b"[" * 1500 + b"]" * 1500  # deeper than any decoder recurses, smaller than the body limit
@@ -54,7 +54,7 @@ async def test_deep_and_wide_json_is_refused_with_400(ledger: Ledger) -> None:
     "content_type",
     ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/xml", None],
 )
-async def test_bodies_must_be_declared_as_json(ledger: Ledger, content_type: str | None) -> None:
+async def test_bodies_must_be_declared_as_json(ledger: LedgerClient, content_type: str | None) -> None:
     before = await counts(ledger)
     body = json.dumps({"user_id": 1, "amount": 5, "reference": "typed"}).encode()
     headers = ledger.headers("admin")
@@ -77,7 +77,7 @@ async def test_bodies_must_be_declared_as_json(ledger: Ledger, content_type: str
     "request_id",
     ["réservé", "日本語", "emoji-🙂", "tab\there", "new\nline", "nul\x00byte", "bell\x07", "zero\u200bwidth", "", " "],
 )
-async def test_request_ids_outside_the_alphabet_are_refused(ledger: Ledger, request_id: str) -> None:
+async def test_request_ids_outside_the_alphabet_are_refused(ledger: LedgerClient, request_id: str) -> None:
     await ledger.fund(1, 10_000)
     await ledger.token(1, 1)
     before = await counts(ledger)
@@ -97,14 +97,14 @@ async def test_request_ids_outside_the_alphabet_are_refused(ledger: Ledger, requ
         "'; DROP",
     ],
 )
-async def test_notes_keep_any_unicode_exactly(ledger: Ledger, note: str) -> None:
+async def test_notes_keep_any_unicode_exactly(ledger: LedgerClient, note: str) -> None:
     response = await ledger.post("/v1/topups", {"user_id": 1, "amount": 5, "reference": "n", "note": note}, as_="admin")
     assert response.status_code == 201, response.text
     entry = (await ledger.get(f"/v1/entries/{response.json()['entry']['id']}", as_="auditor")).json()
     assert entry["details"]["note"] == note
 
 
-async def test_a_nul_in_a_note_is_refused(ledger: Ledger) -> None:
+async def test_a_nul_in_a_note_is_refused(ledger: LedgerClient) -> None:
     response = await ledger.post(
         "/v1/topups", {"user_id": 1, "amount": 5, "reference": "nul", "note": "a\x00b"}, as_="admin"
     )
@@ -112,14 +112,14 @@ async def test_a_nul_in_a_note_is_refused(ledger: Ledger) -> None:
     assert await ledger.count("SELECT count(*) FROM entries") == 0
 
 
-async def test_unknown_query_parameters_are_refused(ledger: Ledger) -> None:
+async def test_unknown_query_parameters_are_refused(ledger: LedgerClient) -> None:
     response = await ledger.get("/v1/entries?user=1", as_="auditor")  # a misspelt filter would widen the query
     assert_problem(response, 400, "validation_error")
     response = await ledger.get("/v1/users/1?verbose=1")
     assert_problem(response, 400, "validation_error")
 
 
-async def test_a_key_over_its_rate_gets_429_and_others_do_not(ledger: Ledger) -> None:
+async def test_a_key_over_its_rate_gets_429_and_others_do_not(ledger: LedgerClient) -> None:
     # The burst of 40 covers the set-up calls; then the relay key spends the rest at once.
     responses = await asyncio.gather(*(ledger.get("/v1/users/1") for _ in range(45)))
     limited = [r for r in responses if r.status_code == 429]

@@ -7,17 +7,17 @@ from typing import Any
 
 import pytest
 
-from tests.support import Ledger
+from tests.support import LedgerClient
 
 REPLAYED = "idempotent-replayed"
 
 
-async def posting_count(ledger: Ledger) -> int:
+async def posting_count(ledger: LedgerClient) -> int:
     return await ledger.count("SELECT count(*) FROM postings")
 
 
 @pytest.fixture
-async def funded(ledger: Ledger) -> Ledger:
+async def funded(ledger: LedgerClient) -> LedgerClient:
     await ledger.fund(1, 100_000)
     await ledger.token(1, 1, remaining=50_000)
     return ledger
@@ -26,7 +26,7 @@ async def funded(ledger: Ledger) -> Ledger:
 HOLD: dict[str, Any] = {"request_id": "h1", "user_id": 1, "token_id": 1, "model": "gpt-4o", "prompt_tokens": 100}
 
 
-async def test_a_repeated_hold_is_replayed(funded: Ledger) -> None:
+async def test_a_repeated_hold_is_replayed(funded: LedgerClient) -> None:
     first = await funded.post("/v1/holds", HOLD)
     assert first.status_code == 201
     assert REPLAYED not in first.headers
@@ -39,7 +39,7 @@ async def test_a_repeated_hold_is_replayed(funded: Ledger) -> None:
     assert await posting_count(funded) == before
 
 
-async def test_a_hold_key_reused_for_something_else_conflicts(funded: Ledger) -> None:
+async def test_a_hold_key_reused_for_something_else_conflicts(funded: LedgerClient) -> None:
     await funded.post("/v1/holds", HOLD)
     for body in ({**HOLD, "prompt_tokens": 101}, {**HOLD, "expires_in": 60}, {**HOLD, "amount": 5}):
         response = await funded.post("/v1/holds", body)
@@ -50,7 +50,7 @@ async def test_a_hold_key_reused_for_something_else_conflicts(funded: Ledger) ->
     assert await funded.count("SELECT count(*) FROM entries WHERE request_id = 'h1'") == 1
 
 
-async def test_a_refused_hold_leaves_no_key_behind(funded: Ledger) -> None:
+async def test_a_refused_hold_leaves_no_key_behind(funded: LedgerClient) -> None:
     await funded.token(2, 1)  # unlimited: only the user's quota limits this hold
     big = {**HOLD, "request_id": "big", "token_id": 2, "amount": 10**6}
     refused = await funded.post("/v1/holds", big)
@@ -59,7 +59,7 @@ async def test_a_refused_hold_leaves_no_key_behind(funded: Ledger) -> None:
     assert (await funded.post("/v1/holds", big)).status_code == 201
 
 
-async def test_settle_and_refund_replays(funded: Ledger) -> None:
+async def test_settle_and_refund_replays(funded: LedgerClient) -> None:
     await funded.post("/v1/holds", HOLD)
     settle = {"channel_id": 2, "prompt_tokens": 100, "completion_tokens": 10}
     first = await funded.post("/v1/holds/h1/settle", settle)
@@ -79,7 +79,7 @@ async def test_settle_and_refund_replays(funded: Ledger) -> None:
     assert await funded.count("SELECT count(*) FROM entries WHERE request_id = 'h2' AND kind = 'refund'") == 1
 
 
-async def test_consumption_replay(funded: Ledger) -> None:
+async def test_consumption_replay(funded: LedgerClient) -> None:
     body = {"request_id": "c", "user_id": 1, "token_id": 1, "channel_id": 3, "model": "gpt-4o",
             "prompt_tokens": 10, "completion_tokens": 10}  # fmt: skip
     first = await funded.post("/v1/consumptions", body)
@@ -92,7 +92,7 @@ async def test_consumption_replay(funded: Ledger) -> None:
 
 
 @pytest.mark.parametrize("path", ["/v1/topups", "/v1/adjustments"])
-async def test_funding_replays_by_reference(ledger: Ledger, path: str) -> None:
+async def test_funding_replays_by_reference(ledger: LedgerClient, path: str) -> None:
     body = {"user_id": 1, "amount": 500, "reference": "pay-1", "note": "invoice 7"}
     first = await ledger.post(path, body, as_="admin")
     assert first.status_code == 201, first.text
@@ -110,7 +110,7 @@ async def test_funding_replays_by_reference(ledger: Ledger, path: str) -> None:
     assert await ledger.count("SELECT count(*) FROM entries WHERE reference = 'pay-1'") == 1
 
 
-async def test_token_puts_are_naturally_idempotent(ledger: Ledger) -> None:
+async def test_token_puts_are_naturally_idempotent(ledger: LedgerClient) -> None:
     body = {"user_id": 1, "unlimited": False, "remaining": 700}
     assert (await ledger.put("/v1/tokens/1", body)).status_code == 201
     again = await ledger.put("/v1/tokens/1", body)

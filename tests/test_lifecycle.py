@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 
 from ledger_service.services.ledger import LedgerService
-from tests.support import Ledger, unique
+from tests.support import LedgerClient, unique
 
 
-async def entries_of(ledger: Ledger, request_id: str) -> list[dict[str, Any]]:
+async def entries_of(ledger: LedgerClient, request_id: str) -> list[dict[str, Any]]:
     response = await ledger.get(f"/v1/holds/{request_id}")
     assert response.status_code == 200, response.text
     entries: list[dict[str, Any]] = response.json()["entries"]
@@ -34,7 +34,7 @@ def postings(entry: dict[str, Any]) -> set[tuple[str, str, int]]:
     ],
 )
 async def test_hold_reserves_one_apis_estimate(
-    ledger: Ledger, model: str, group: str, prompt: int, max_tokens: int, estimate: int
+    ledger: LedgerClient, model: str, group: str, prompt: int, max_tokens: int, estimate: int
 ) -> None:
     await ledger.fund(1, 50 * estimate)  # below the trust threshold: the estimate is really held
     await ledger.token(1, 1)
@@ -48,7 +48,7 @@ async def test_hold_reserves_one_apis_estimate(
     await ledger.assert_books_balance()
 
 
-async def test_group_ratio_multiplies_the_model_ratio(ledger: Ledger) -> None:
+async def test_group_ratio_multiplies_the_model_ratio(ledger: LedgerClient) -> None:
     response = await ledger.put("/v1/pricing/groups/premium", {"group_ratio": "1.5"}, as_="admin")
     assert response.status_code == 201, response.text
     await ledger.fund(1, 100_000)
@@ -59,7 +59,7 @@ async def test_group_ratio_multiplies_the_model_ratio(ledger: Ledger) -> None:
     assert settled.json()["charged"] == 525  # (100 + 40) x 3.75
 
 
-async def test_settle_releases_the_hold_and_charges_the_real_cost(ledger: Ledger) -> None:
+async def test_settle_releases_the_hold_and_charges_the_real_cost(ledger: LedgerClient) -> None:
     await ledger.fund(1, 100_000)
     await ledger.token(1, 1, remaining=50_000)
     await ledger.hold(request_id="r", prompt_tokens=100, max_tokens=200)  # holds 2000
@@ -89,7 +89,7 @@ async def test_settle_releases_the_hold_and_charges_the_real_cost(ledger: Ledger
     await ledger.assert_books_balance()
 
 
-async def test_usage_above_the_estimate_is_recorded_even_into_the_negative(ledger: Ledger) -> None:
+async def test_usage_above_the_estimate_is_recorded_even_into_the_negative(ledger: LedgerClient) -> None:
     await ledger.fund(1, 2500)
     await ledger.token(1, 1, remaining=2100)
     hold = (await ledger.hold(request_id="r", prompt_tokens=100, max_tokens=200)).json()
@@ -103,7 +103,7 @@ async def test_usage_above_the_estimate_is_recorded_even_into_the_negative(ledge
     await ledger.assert_books_balance()
 
 
-async def test_explicit_amount_and_quota_replace_the_priced_ones(ledger: Ledger) -> None:
+async def test_explicit_amount_and_quota_replace_the_priced_ones(ledger: LedgerClient) -> None:
     await ledger.fund(1, 100_000)
     await ledger.token(1, 1)
     hold = (await ledger.hold(request_id="r", amount=1234)).json()
@@ -114,7 +114,7 @@ async def test_explicit_amount_and_quota_replace_the_priced_ones(ledger: Ledger)
     assert (await ledger.user(1))["available"] == 100_000 - 77
 
 
-async def test_refund_gives_the_hold_back(ledger: Ledger) -> None:
+async def test_refund_gives_the_hold_back(ledger: LedgerClient) -> None:
     await ledger.fund(1, 10_000)
     await ledger.token(1, 1, remaining=5000)
     await ledger.hold(request_id="r", prompt_tokens=100, max_tokens=200)
@@ -139,7 +139,7 @@ async def test_refund_gives_the_hold_back(ledger: Ledger) -> None:
     await ledger.assert_books_balance()
 
 
-async def test_trusted_user_and_token_hold_nothing(ledger: Ledger) -> None:
+async def test_trusted_user_and_token_hold_nothing(ledger: LedgerClient) -> None:
     await ledger.fund(1, 10_000_000)
     await ledger.token(1, 1)
     hold = (await ledger.hold(request_id="r", prompt_tokens=100, max_tokens=200)).json()
@@ -154,7 +154,7 @@ async def test_trusted_user_and_token_hold_nothing(ledger: Ledger) -> None:
     await ledger.assert_books_balance()
 
 
-async def test_trust_rule_also_looks_at_the_token(ledger: Ledger) -> None:
+async def test_trust_rule_also_looks_at_the_token(ledger: LedgerClient) -> None:
     """one-api trusted a rich user's small-capped token and let it go deep negative (PR #925); not here."""
     await ledger.fund(1, 10_000_000)
     await ledger.token(1, 1, remaining=100_000)  # 50 estimates: below 100 x estimate
@@ -165,7 +165,7 @@ async def test_trust_rule_also_looks_at_the_token(ledger: Ledger) -> None:
     assert (hold["amount"], hold["trusted"]) == (0, True)
 
 
-async def test_insufficient_quota_is_refused_and_writes_nothing(ledger: Ledger) -> None:
+async def test_insufficient_quota_is_refused_and_writes_nothing(ledger: LedgerClient) -> None:
     await ledger.fund(1, 1999)
     await ledger.token(1, 1)
     response = await ledger.hold(request_id="r", prompt_tokens=100, max_tokens=200)
@@ -181,7 +181,7 @@ async def test_insufficient_quota_is_refused_and_writes_nothing(ledger: Ledger) 
     assert await ledger.count("SELECT count(*) FROM entries WHERE kind = 'hold'") == 0
 
 
-async def test_token_must_exist_and_belong_to_the_user(ledger: Ledger) -> None:
+async def test_token_must_exist_and_belong_to_the_user(ledger: LedgerClient) -> None:
     await ledger.fund(1, 10_000)
     response = await ledger.hold(request_id="r", token_id=42)
     assert (response.status_code, response.json()["code"]) == (404, "token_not_found")
@@ -192,7 +192,7 @@ async def test_token_must_exist_and_belong_to_the_user(ledger: Ledger) -> None:
     assert (response.status_code, response.json()["code"]) == (409, "token_user_mismatch")
 
 
-async def test_hold_conflicts(ledger: Ledger) -> None:
+async def test_hold_conflicts(ledger: LedgerClient) -> None:
     await ledger.fund(1, 10_000)
     await ledger.token(1, 1)
     settle = {"channel_id": 1, "prompt_tokens": 1, "completion_tokens": 1}
@@ -215,7 +215,7 @@ async def test_hold_conflicts(ledger: Ledger) -> None:
     await ledger.assert_books_balance()
 
 
-async def test_expired_holds_are_refunded_by_the_sweeper(ledger: Ledger, service: LedgerService) -> None:
+async def test_expired_holds_are_refunded_by_the_sweeper(ledger: LedgerClient, service: LedgerService) -> None:
     await ledger.fund(1, 10_000)
     await ledger.token(1, 1, remaining=5000)
     hold = (await ledger.hold(request_id="r", prompt_tokens=100, max_tokens=200, expires_in=30)).json()
@@ -250,7 +250,7 @@ async def test_expired_holds_are_refunded_by_the_sweeper(ledger: Ledger, service
     await ledger.assert_books_balance()
 
 
-async def test_a_due_hold_expires_on_the_next_call_even_before_the_sweeper(ledger: Ledger) -> None:
+async def test_a_due_hold_expires_on_the_next_call_even_before_the_sweeper(ledger: LedgerClient) -> None:
     await ledger.fund(1, 10_000)
     await ledger.token(1, 1)
     await ledger.hold(request_id="s", prompt_tokens=100, max_tokens=200)
@@ -269,7 +269,7 @@ async def test_a_due_hold_expires_on_the_next_call_even_before_the_sweeper(ledge
     await ledger.assert_books_balance()
 
 
-async def test_consumption_charges_without_a_hold_or_a_balance_check(ledger: Ledger) -> None:
+async def test_consumption_charges_without_a_hold_or_a_balance_check(ledger: LedgerClient) -> None:
     await ledger.token(1, 1, remaining=100)
     body = {
         "request_id": "c1",
@@ -299,7 +299,7 @@ async def test_consumption_charges_without_a_hold_or_a_balance_check(ledger: Led
     await ledger.assert_books_balance()
 
 
-async def test_zero_quota_requests_still_count(ledger: Ledger) -> None:
+async def test_zero_quota_requests_still_count(ledger: LedgerClient) -> None:
     await ledger.fund(1, 10_000)
     await ledger.token(1, 1)
     await ledger.hold(request_id="z", prompt_tokens=1)
@@ -314,7 +314,7 @@ async def test_zero_quota_requests_still_count(ledger: Ledger) -> None:
     assert (await ledger.get("/v1/channels/1")).json()["request_count"] == 2
 
 
-async def test_a_price_change_never_reprices_an_open_hold(ledger: Ledger) -> None:
+async def test_a_price_change_never_reprices_an_open_hold(ledger: LedgerClient) -> None:
     await ledger.fund(1, 100_000)
     await ledger.token(1, 1)
     await ledger.hold(request_id="r", prompt_tokens=100, max_tokens=0)
@@ -331,7 +331,7 @@ async def test_a_price_change_never_reprices_an_open_hold(ledger: Ledger) -> Non
     assert settled["charged"] == 500
 
 
-async def test_per_call_priced_models(ledger: Ledger) -> None:
+async def test_per_call_priced_models(ledger: LedgerClient) -> None:
     response = await ledger.put("/v1/pricing/models/dall-e-3", {"model_price": "0.04"}, as_="admin")
     assert response.status_code == 201, response.text
     assert response.json() == {"model_ratio": "30", "completion_ratio": "1", "model_price": "0.04"}
@@ -345,7 +345,7 @@ async def test_per_call_priced_models(ledger: Ledger) -> None:
     assert settled["charged"] == 20_000
 
 
-async def test_pricing_is_listed_with_exact_decimal_strings(ledger: Ledger) -> None:
+async def test_pricing_is_listed_with_exact_decimal_strings(ledger: LedgerClient) -> None:
     # Raw JSON text: the number 0.0750 must arrive as written, which Python's json module would not send.
     response = await ledger.client.put(
         "/v1/pricing/models/exact",
@@ -362,7 +362,7 @@ async def test_pricing_is_listed_with_exact_decimal_strings(ledger: Ledger) -> N
     assert await ledger.count("SELECT count(*) FROM model_prices WHERE model_ratio::text = '0.0750'") == 1
 
 
-async def test_token_allowance_posts_the_difference(ledger: Ledger) -> None:
+async def test_token_allowance_posts_the_difference(ledger: LedgerClient) -> None:
     response = await ledger.put("/v1/tokens/5", {"user_id": 1, "unlimited": False, "remaining": 1000})
     assert response.status_code == 201
     assert response.json() == {"token_id": 5, "user_id": 1, "unlimited": False, "remaining": 1000, "held": 0, "used": 0}
@@ -380,7 +380,7 @@ async def test_token_allowance_posts_the_difference(ledger: Ledger) -> None:
     await ledger.assert_books_balance()
 
 
-async def test_unlimited_tokens_track_usage_but_post_no_allowance(ledger: Ledger) -> None:
+async def test_unlimited_tokens_track_usage_but_post_no_allowance(ledger: LedgerClient) -> None:
     await ledger.fund(1, 100_000)
     await ledger.token(1, 1)
     await ledger.hold(request_id="r", prompt_tokens=100)
@@ -390,14 +390,14 @@ async def test_unlimited_tokens_track_usage_but_post_no_allowance(ledger: Ledger
     assert await ledger.count("SELECT count(*) FROM postings WHERE ledger = 'allowance'") == 0
 
 
-async def test_unknown_users_and_channels_read_as_zero_unknown_tokens_are_404(ledger: Ledger) -> None:
+async def test_unknown_users_and_channels_read_as_zero_unknown_tokens_are_404(ledger: LedgerClient) -> None:
     assert await ledger.user(12345) == {"user_id": 12345, "available": 0, "held": 0, "used": 0, "request_count": 0}
     assert (await ledger.get("/v1/channels/3")).json() == {"channel_id": 3, "used": 0, "request_count": 0}
     response = await ledger.get("/v1/tokens/3")
     assert (response.status_code, response.json()["code"]) == (404, "token_not_found")
 
 
-async def test_entries_can_be_read_one_by_one(ledger: Ledger) -> None:
+async def test_entries_can_be_read_one_by_one(ledger: LedgerClient) -> None:
     funded = await ledger.fund(1, 500)
     entry = funded["entry"]
     assert funded["user"]["available"] == 500
@@ -410,7 +410,7 @@ async def test_entries_can_be_read_one_by_one(ledger: Ledger) -> None:
     assert (response.status_code, response.json()["code"]) == (404, "entry_not_found")
 
 
-async def test_adjustments_move_quota_both_ways(ledger: Ledger) -> None:
+async def test_adjustments_move_quota_both_ways(ledger: LedgerClient) -> None:
     await ledger.fund(1, 1000)
     body = {"user_id": 1, "amount": -1500, "reference": unique("adj"), "note": "chargeback"}
     response = await ledger.post("/v1/adjustments", body, as_="admin")

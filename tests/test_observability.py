@@ -21,10 +21,10 @@ from ledger_service.services.housekeeping import Housekeeping
 from ledger_service.services.ledger import LedgerService
 from ledger_service.settings import Settings
 from tests.processes import AUTH, ServiceProcess
-from tests.support import ADMIN_SECRET, Ledger
+from tests.support import ADMIN_SECRET, LedgerClient
 
 
-async def scrape(ledger: Ledger) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+async def scrape(ledger: LedgerClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     response = await ledger.client.get("/metrics")
     assert response.status_code == 200
     samples = {}
@@ -39,7 +39,7 @@ def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
 
 
 async def test_metrics_count_requests_by_route_and_the_lifecycle(
-    ledger: Ledger, service: LedgerService, settings: Settings
+    ledger: LedgerClient, service: LedgerService, settings: Settings
 ) -> None:
     await ledger.fund(1, 100_000)
     await ledger.token(1, 1)
@@ -79,7 +79,7 @@ async def test_metrics_count_requests_by_route_and_the_lifecycle(
 
 
 async def test_gauges_show_how_stale_the_background_work_is(
-    ledger: Ledger, service: LedgerService, settings: Settings
+    ledger: LedgerClient, service: LedgerService, settings: Settings
 ) -> None:
     await ledger.fund(1, 100_000)
     await ledger.token(1, 1)

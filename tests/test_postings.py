@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ledger_service.domain.accounts import Ledger
+from ledger_service.domain.accounts import SubLedger
 from ledger_service.domain.entries import (
     EntryDraft,
     EntryKind,
@@ -19,7 +19,7 @@ from ledger_service.domain.entries import (
     settle_postings,
 )
 
-Q, A = Ledger.QUOTA, Ledger.ALLOWANCE
+Q, A = SubLedger.QUOTA, SubLedger.ALLOWANCE
 
 
 def as_set(postings: tuple[Posting, ...]) -> set[tuple[str, str, int]]:

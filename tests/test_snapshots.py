@@ -11,10 +11,10 @@ from typing import Any, TypeAlias
 import asyncpg
 
 from ledger_service.db import journal
-from ledger_service.domain.accounts import Ledger as LedgerKind
+from ledger_service.domain.accounts import SubLedger as LedgerKind
 from ledger_service.services.housekeeping import refresh_snapshots
 from ledger_service.services.ledger import LedgerService
-from tests.support import Ledger
+from tests.support import LedgerClient
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 
@@ -121,7 +121,7 @@ async def test_a_snapshot_by_highest_id_would_have_missed_it(database_url: str) 
 
 
 async def test_snapshots_equal_a_full_recomputation_after_a_mixed_workload(
-    ledger: Ledger, service: LedgerService
+    ledger: LedgerClient, service: LedgerService
 ) -> None:
     for user in (1, 2, 3):
         await ledger.fund(user, 1_000_000)
@@ -154,7 +154,7 @@ async def test_snapshots_equal_a_full_recomputation_after_a_mixed_workload(
     await ledger.assert_books_balance()
 
 
-async def test_settlements_write_no_row_of_the_channel(ledger: Ledger, service: LedgerService) -> None:
+async def test_settlements_write_no_row_of_the_channel(ledger: LedgerClient, service: LedgerService) -> None:
     """A hot channel is credited by inserting postings only: no row is updated per settlement."""
     await ledger.fund(1, 10_000_000)
     await ledger.token(1, 1)
@@ -170,7 +170,7 @@ async def test_settlements_write_no_row_of_the_channel(ledger: Ledger, service: 
     assert (await ledger.get("/v1/channels/1")).json() == {"channel_id": 1, "used": 500, "request_count": 20}
 
 
-async def test_hold_accounts_are_not_snapshotted(ledger: Ledger, service: LedgerService) -> None:
+async def test_hold_accounts_are_not_snapshotted(ledger: LedgerClient, service: LedgerService) -> None:
     await ledger.fund(1, 100_000)
     await ledger.token(1, 1)
     await ledger.hold(request_id="open", max_tokens=10)
@@ -180,7 +180,7 @@ async def test_hold_accounts_are_not_snapshotted(ledger: Ledger, service: Ledger
         assert await journal.balance(conn, "hold:open", LedgerKind.QUOTA) == 1525
 
 
-async def test_concurrent_refreshes_count_nothing_twice(ledger: Ledger, service: LedgerService) -> None:
+async def test_concurrent_refreshes_count_nothing_twice(ledger: LedgerClient, service: LedgerService) -> None:
     for user in range(1, 6):
         await ledger.fund(user, 1000 * user)
     runs = await asyncio.gather(*(refresh_snapshots(service.engine) for _ in range(6)))
@@ -189,7 +189,7 @@ async def test_concurrent_refreshes_count_nothing_twice(ledger: Ledger, service:
     assert await ledger.conn.fetchval("SELECT balance FROM balance_snapshots WHERE account = 'user:5'") == 5000
 
 
-async def test_snapshot_command(ledger: Ledger, database_url: str) -> None:
+async def test_snapshot_command(ledger: LedgerClient, database_url: str) -> None:
     await ledger.fund(1, 42)
     env = {**os.environ, "LEDGER_DATABASE_URL": database_url}
     result = await asyncio.to_thread(

@@ -19,12 +19,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ledger_service.domain.accounts import Ledger as LedgerName
+from ledger_service.domain.accounts import SubLedger as LedgerName
 from ledger_service.domain.entries import Posting, content_hash
 from ledger_service.services.audit import AuditService
 from ledger_service.services.housekeeping import refresh_snapshots
 from ledger_service.services.ledger import LedgerService
-from tests.support import Ledger, unique
+from tests.support import LedgerClient, unique
 
 CHECKS = (
     "entries_balanced",
@@ -60,7 +60,7 @@ C_CONSUMED = "c-consumed"
 # The workload ----------------------------------------------------------------------------------------------------
 
 
-async def hold(ledger: Ledger, request_id: str, user_id: int, token_id: int, amount: int) -> None:
+async def hold(ledger: LedgerClient, request_id: str, user_id: int, token_id: int, amount: int) -> None:
     response = await ledger.hold(request_id=request_id, user_id=user_id, token_id=token_id, amount=amount)
     assert response.status_code == 201, response.text
     body = response.json()
@@ -68,7 +68,7 @@ async def hold(ledger: Ledger, request_id: str, user_id: int, token_id: int, amo
     assert (body["status"], body["amount"]) == ("open", held), body
 
 
-async def settle(ledger: Ledger, request_id: str, channel_id: int, **usage: int) -> dict[str, Any]:
+async def settle(ledger: LedgerClient, request_id: str, channel_id: int, **usage: int) -> dict[str, Any]:
     body = {"channel_id": channel_id, "prompt_tokens": 100, "completion_tokens": 50, **usage}
     response = await ledger.post(f"/v1/holds/{request_id}/settle", body)
     assert response.status_code == 200, response.text
@@ -77,13 +77,15 @@ async def settle(ledger: Ledger, request_id: str, channel_id: int, **usage: int)
     return result
 
 
-async def refund(ledger: Ledger, request_id: str) -> None:
+async def refund(ledger: LedgerClient, request_id: str) -> None:
     response = await ledger.post(f"/v1/holds/{request_id}/refund", {"reason": "upstream error"})
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "refunded"
 
 
-async def consume(ledger: Ledger, request_id: str, user_id: int, token_id: int, channel_id: int, **usage: int) -> None:
+async def consume(
+    ledger: LedgerClient, request_id: str, user_id: int, token_id: int, channel_id: int, **usage: int
+) -> None:
     body = {
         "request_id": request_id,
         "user_id": user_id,
@@ -99,7 +101,7 @@ async def consume(ledger: Ledger, request_id: str, user_id: int, token_id: int, 
     assert response.status_code == 201, response.text
 
 
-async def build_books(ledger: Ledger, service: LedgerService) -> None:
+async def build_books(ledger: LedgerClient, service: LedgerService) -> None:
     """A mixed history; every hold amount is above 1% of the user's quota, so the trust rule holds it for real."""
     audit = AuditService(service.engine, sweep_interval_seconds=5)
 
@@ -165,7 +167,7 @@ async def build_books(ledger: Ledger, service: LedgerService) -> None:
 
 
 @pytest.fixture
-async def books(ledger: Ledger, service: LedgerService) -> Ledger:
+async def books(ledger: LedgerClient, service: LedgerService) -> LedgerClient:
     # Transaction ids are the cluster's, shared by every test. Keep one workload from straddling a change in their
     # number of digits (999 -> 1000), which has its own test below, so each test here fails only for its tampering.
     boundary = 10 ** len(str(await next_transaction_id(ledger.conn)))
@@ -195,7 +197,7 @@ async def burn_transaction_ids(conn: asyncpg.Connection[Any], *, until: int) -> 
 # Reading the reconciliation --------------------------------------------------------------------------------------
 
 
-async def reconcile(ledger: Ledger) -> dict[str, dict[str, Any]]:
+async def reconcile(ledger: LedgerClient) -> dict[str, dict[str, Any]]:
     response = await ledger.get("/v1/reports/reconciliation", as_="auditor")
     assert response.status_code == 200, response.text
     report = response.json()
@@ -216,7 +218,7 @@ def offenders(checks: dict[str, dict[str, Any]], name: str) -> list[str]:
     return found
 
 
-async def assert_clean(ledger: Ledger) -> None:
+async def assert_clean(ledger: LedgerClient) -> None:
     """The control: before any tampering, every check passes."""
     checks = await reconcile(ledger)
     assert failing(checks) == set(), [check for check in checks.values() if not check["ok"]]
@@ -299,7 +301,9 @@ def line_of(table: str, check: str) -> str:
 # The untouched books ---------------------------------------------------------------------------------------------
 
 
-async def test_untouched_books_reconcile_over_http_and_on_the_command_line(books: Ledger, database_url: str) -> None:
+async def test_untouched_books_reconcile_over_http_and_on_the_command_line(
+    books: LedgerClient, database_url: str
+) -> None:
     checks = await reconcile(books)
     assert failing(checks) == set(), [c for c in checks.values() if not c["ok"]]
     assert list(checks) == list(CHECKS)
@@ -317,7 +321,7 @@ async def test_untouched_books_reconcile_over_http_and_on_the_command_line(books
 
 
 async def test_sealing_across_a_transaction_id_with_one_more_digit_keeps_the_chain_intact(
-    ledger: Ledger, service: LedgerService
+    ledger: LedgerClient, service: LedgerService
 ) -> None:
     """Entries whose transaction ids straddle a power of ten (9998, 9999, 10000, ...) seal and verify like any."""
     audit = AuditService(service.engine, sweep_interval_seconds=5)
@@ -349,7 +353,7 @@ async def test_sealing_across_a_transaction_id_with_one_more_digit_keeps_the_cha
 # The journal -----------------------------------------------------------------------------------------------------
 
 
-async def test_a_changed_posting_amount_unbalances_its_entry_and_breaks_its_hash(books: Ledger) -> None:
+async def test_a_changed_posting_amount_unbalances_its_entry_and_breaks_its_hash(books: LedgerClient) -> None:
     await assert_clean(books)
     settled = await entry_id(books.conn, B_SETTLED, "settle")
     async with books.conn.transaction():  # the other way around the guards: switch the table's triggers off
@@ -367,7 +371,7 @@ async def test_a_changed_posting_amount_unbalances_its_entry_and_breaks_its_hash
     assert offenders(checks, "hash_chain_intact") == [f"entry {settled}: its content does not match its hash"]
 
 
-async def test_two_postings_changed_so_the_entry_still_balances_break_only_its_hash(books: Ledger) -> None:
+async def test_two_postings_changed_so_the_entry_still_balances_break_only_its_hash(books: LedgerClient) -> None:
     await assert_clean(books)
     topup = await books.conn.fetchval("SELECT id FROM entries WHERE reference = $1", B_TOPUP)
     async with behind_the_back(books.conn) as conn:
@@ -381,7 +385,7 @@ async def test_two_postings_changed_so_the_entry_still_balances_break_only_its_h
     assert offenders(checks, "hash_chain_intact") == [f"entry {topup}: its content does not match its hash"]
 
 
-async def test_changed_entry_details_break_its_hash(books: Ledger) -> None:
+async def test_changed_entry_details_break_its_hash(books: LedgerClient) -> None:
     await assert_clean(books)
     settled = await entry_id(books.conn, A_SETTLED, "settle")
     async with behind_the_back(books.conn) as conn:
@@ -395,7 +399,7 @@ async def test_changed_entry_details_break_its_hash(books: Ledger) -> None:
     assert offenders(checks, "hash_chain_intact") == [f"entry {settled}: its content does not match its hash"]
 
 
-async def test_a_deleted_sealed_refund_breaks_its_block_its_hold_and_its_request(books: Ledger) -> None:
+async def test_a_deleted_sealed_refund_breaks_its_block_its_hold_and_its_request(books: LedgerClient) -> None:
     await assert_clean(books)
     refunded = await entry_id(books.conn, B_REFUNDED, "refund")
     block = await books.conn.fetchrow(
@@ -421,7 +425,7 @@ async def test_a_deleted_sealed_refund_breaks_its_block_its_hold_and_its_request
     ]
 
 
-async def test_an_unbalanced_entry_inserted_with_the_triggers_off_is_named(books: Ledger) -> None:
+async def test_an_unbalanced_entry_inserted_with_the_triggers_off_is_named(books: LedgerClient) -> None:
     await assert_clean(books)
     async with behind_the_back(books.conn) as conn:  # replica mode skips the deferred balance check as well
         forged = await insert_entry(
@@ -438,7 +442,7 @@ async def test_an_unbalanced_entry_inserted_with_the_triggers_off_is_named(books
     assert offenders(checks, "entries_balanced") == [f"entry {forged}: quota postings sum to 1000"]
 
 
-async def test_a_channel_credited_without_a_charge_is_named(books: Ledger) -> None:
+async def test_a_channel_credited_without_a_charge_is_named(books: LedgerClient) -> None:
     await assert_clean(books)
     # Balanced and correctly hashed: the database's own guards accept it, no trigger needs switching off.
     await insert_entry(
@@ -483,7 +487,7 @@ async def test_a_channel_credited_without_a_charge_is_named(books: Ledger) -> No
     ],
     ids=["balance-quota", "balance-allowance", "usage-used", "usage-count", "kind"],
 )
-async def test_a_broken_snapshot_is_named(books: Ledger, tamper: str, named: str) -> None:
+async def test_a_broken_snapshot_is_named(books: LedgerClient, tamper: str, named: str) -> None:
     await assert_clean(books)
     assert await books.conn.execute(tamper) == "UPDATE 1"
 
@@ -497,7 +501,7 @@ async def test_a_broken_snapshot_is_named(books: Ledger, tamper: str, named: str
 # Requests --------------------------------------------------------------------------------------------------------
 
 
-async def test_a_settled_request_marked_refunded_disagrees_with_its_entries(books: Ledger) -> None:
+async def test_a_settled_request_marked_refunded_disagrees_with_its_entries(books: LedgerClient) -> None:
     await assert_clean(books)
     async with behind_the_back(books.conn) as conn:
         status = await conn.execute("UPDATE requests SET status = 'refunded' WHERE request_id = $1", A_SETTLED)
@@ -512,7 +516,7 @@ async def test_a_settled_request_marked_refunded_disagrees_with_its_entries(book
     ]
 
 
-async def test_a_settled_request_reopened_shows_an_empty_hold_and_wrong_held_amounts(books: Ledger) -> None:
+async def test_a_settled_request_reopened_shows_an_empty_hold_and_wrong_held_amounts(books: LedgerClient) -> None:
     await assert_clean(books)
     async with behind_the_back(books.conn) as conn:
         status = await conn.execute("UPDATE requests SET status = 'open' WHERE request_id = $1", A_SETTLED)
@@ -532,7 +536,7 @@ async def test_a_settled_request_reopened_shows_an_empty_hold_and_wrong_held_amo
     ]
 
 
-async def test_an_open_hold_far_past_its_expiry_is_overdue(books: Ledger) -> None:
+async def test_an_open_hold_far_past_its_expiry_is_overdue(books: LedgerClient) -> None:
     await assert_clean(books)
     await books.backdate(C_OPEN)  # a second past expiry: within the grace of two sweep intervals
     assert failing(await reconcile(books)) == set()
@@ -551,7 +555,7 @@ async def test_an_open_hold_far_past_its_expiry_is_overdue(books: Ledger) -> Non
 # Blocks ----------------------------------------------------------------------------------------------------------
 
 
-async def test_a_changed_block_hash_is_named_with_the_broken_link_after_it(books: Ledger) -> None:
+async def test_a_changed_block_hash_is_named_with_the_broken_link_after_it(books: LedgerClient) -> None:
     await assert_clean(books)
     first, second = [row["id"] for row in await books.conn.fetch("SELECT id FROM blocks ORDER BY id")]
     async with behind_the_back(books.conn) as conn:
@@ -571,7 +575,9 @@ async def test_a_changed_block_hash_is_named_with_the_broken_link_after_it(books
 # The command line on tampered books ------------------------------------------------------------------------------
 
 
-async def test_reconcile_on_the_command_line_fails_and_lists_the_offenders(books: Ledger, database_url: str) -> None:
+async def test_reconcile_on_the_command_line_fails_and_lists_the_offenders(
+    books: LedgerClient, database_url: str
+) -> None:
     await assert_clean(books)
     settled = await entry_id(books.conn, B_SETTLED, "settle")
     async with behind_the_back(books.conn) as conn:

@@ -20,7 +20,7 @@ from litestar.routes import HTTPRoute
 from ledger_service.api.app import create_app
 from ledger_service.api.bodies import StrictBody
 from ledger_service.settings import Settings
-from tests.support import Ledger, assert_problem, db_state
+from tests.support import LedgerClient, assert_problem, db_state
 
 MAX_ID = 2**63 - 1
 MAX_AMOUNT = 10**15
@@ -42,7 +42,7 @@ def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
     assert changed == {}, f"a refused request wrote to the database: {changed}"
 
 
-async def send(ledger: Ledger, method: str, path: str, content: bytes | None, role: str | None) -> httpx.Response:
+async def send(ledger: LedgerClient, method: str, path: str, content: bytes | None, role: str | None) -> httpx.Response:
     headers = ledger.headers(role)
     if content is not None:
         headers["Content-Type"] = "application/json"
@@ -401,7 +401,7 @@ assert len({case.id for case in CASES}) == len(CASES), "duplicate case ids"
 
 
 @pytest.fixture
-async def world(ledger: Ledger) -> Ledger:
+async def world(ledger: LedgerClient) -> LedgerClient:
     """A funded user 1 with a limited token 1 and two open holds, so a bad write that slipped through would show."""
     await ledger.fund(1, 1_000_000)
     await ledger.token(1, 1, remaining=1_000_000)
@@ -414,7 +414,7 @@ async def world(ledger: Ledger) -> Ledger:
 # Tests -----------------------------------------------------------------------------------------------------------
 
 
-async def test_base_bodies_are_valid(world: Ledger) -> None:
+async def test_base_bodies_are_valid(world: LedgerClient) -> None:
     """The bodies every bad case is derived from succeed, so each bad case differs from a good call by one defect."""
     before = await db_state(world)
     for endpoint in ENDPOINTS:
@@ -456,7 +456,7 @@ CASES_BY_ENDPOINT: dict[str, list[Case]] = {
 
 
 @pytest.mark.parametrize("endpoint", [endpoint.name for endpoint in ENDPOINTS])
-async def test_bad_writes_are_refused_and_write_nothing(world: Ledger, endpoint: str) -> None:
+async def test_bad_writes_are_refused_and_write_nothing(world: LedgerClient, endpoint: str) -> None:
     """Every bad case of one endpoint, one after the other on one database (a fresh database per case is slow).
 
     Each case must answer a 400 validation_error problem and leave the database as it was; the failure message
@@ -498,7 +498,7 @@ def test_every_request_body_is_decoded_by_strict_body() -> None:
         assert handler.resolve_return_dto() is None, handler  # answers keep Litestar's own encoding
 
 
-async def test_refund_without_body_or_with_null_is_not_a_server_error(world: Ledger) -> None:
+async def test_refund_without_body_or_with_null_is_not_a_server_error(world: LedgerClient) -> None:
     """The refund body is optional: no body is a plain refund; `null` may be taken as no body or refused."""
     response = await send(world, "POST", f"/v1/holds/{REFUND_HOLD}/refund", None, "relay")
     assert response.status_code == 200, response.text
@@ -556,7 +556,7 @@ def problem_failures(label: str, response: httpx.Response, status: int, code: st
     return []
 
 
-async def test_malformed_path_param_is_a_validation_error(ledger: Ledger) -> None:
+async def test_malformed_path_param_is_a_validation_error(ledger: LedgerClient) -> None:
     """Each path, with a role the route admits (so the guard is not what answers), is a 400 validation_error."""
     failures: list[str] = []
     for path, role in BAD_READ_PATHS:
@@ -564,7 +564,7 @@ async def test_malformed_path_param_is_a_validation_error(ledger: Ledger) -> Non
     assert failures == [], "\n".join(failures)
 
 
-async def test_bad_key_id_in_delete_is_a_validation_error(ledger: Ledger) -> None:
+async def test_bad_key_id_in_delete_is_a_validation_error(ledger: LedgerClient) -> None:
     before = await db_state(ledger)
     for raw in ("abc", "0", "-1", str(2**63), "1.5"):
         response = await ledger.client.delete(f"/v1/api-keys/{raw}", headers=ledger.headers("admin"))
@@ -575,7 +575,7 @@ async def test_bad_key_id_in_delete_is_a_validation_error(ledger: Ledger) -> Non
 # Boundaries that are valid ---------------------------------------------------------------------------------------
 
 
-async def test_largest_ids_and_amounts_are_accepted(ledger: Ledger) -> None:
+async def test_largest_ids_and_amounts_are_accepted(ledger: LedgerClient) -> None:
     top = MAX_ID
     response = await ledger.put(f"/v1/tokens/{top}", {"user_id": top, "unlimited": False, "remaining": MAX_AMOUNT})
     assert response.status_code == 201, response.text
@@ -625,7 +625,7 @@ async def test_largest_ids_and_amounts_are_accepted(ledger: Ledger) -> None:
     await ledger.assert_books_balance()
 
 
-async def test_longest_keys_and_longest_expiry_are_accepted(ledger: Ledger) -> None:
+async def test_longest_keys_and_longest_expiry_are_accepted(ledger: LedgerClient) -> None:
     await ledger.fund(1, 1_000_000)
     await ledger.token(1, 1, remaining=1_000_000)
     request_id = (KEY_ALPHABET * 2)[:128]
@@ -661,7 +661,7 @@ async def test_longest_keys_and_longest_expiry_are_accepted(ledger: Ledger) -> N
     await ledger.assert_books_balance()
 
 
-async def test_computed_amount_over_the_limit_is_refused_not_a_server_error(ledger: Ledger) -> None:
+async def test_computed_amount_over_the_limit_is_refused_not_a_server_error(ledger: LedgerClient) -> None:
     """Token counts within range whose priced estimate or charge would exceed 10^15 are a 4xx, never a 500."""
     await ledger.fund(1, 1_000_000)
     await ledger.token(1, 1)
@@ -692,7 +692,7 @@ async def test_computed_amount_over_the_limit_is_refused_not_a_server_error(ledg
 UNKNOWN_ROUTES = ["/v1/nothing-here", "/nothing-here", "/v1/holds/x/cancel", "/v2/holds", "/v1/users/1/2"]
 
 
-async def test_unknown_route_is_a_404_problem(ledger: Ledger) -> None:
+async def test_unknown_route_is_a_404_problem(ledger: LedgerClient) -> None:
     failures: list[str] = []
     for path in UNKNOWN_ROUTES:
         # Outside /v1 no key is needed, so even an anonymous caller learns the route does not exist.
@@ -714,7 +714,7 @@ WRONG_METHODS = [
 ]
 
 
-async def test_wrong_method_is_a_405_problem(ledger: Ledger) -> None:
+async def test_wrong_method_is_a_405_problem(ledger: LedgerClient) -> None:
     before = await db_state(ledger)
     failures: list[str] = []
     for method, path in WRONG_METHODS:

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger_service.db import journal
-from ledger_service.domain.accounts import Ledger
+from ledger_service.domain.accounts import SubLedger
 from ledger_service.domain.audit import STATEMENT_START, FeedPosition, SealedEntry, StatementPosition
 from ledger_service.schemas import EntryView
 
@@ -195,7 +195,7 @@ _CREATED_SINCE = text(
 )
 
 
-async def balance_as_of(conn: AsyncConnection, account: str, ledger: Ledger, as_of: datetime) -> int:
+async def balance_as_of(conn: AsyncConnection, account: str, ledger: SubLedger, as_of: datetime) -> int:
     """The balance counting the postings of entries created at or before `as_of`.
 
     Starts from the last history checkpoint taken at or before `as_of` (every posting in it was created before
@@ -241,7 +241,7 @@ async def trial_balance(conn: AsyncConnection, as_of: datetime | None) -> dict[s
         rows = await conn.execute(_TRIAL_BALANCE)
     else:
         rows = await conn.execute(_TRIAL_BALANCE_AS_OF, {"as_of": as_of})
-    totals: dict[str, dict[str, int]] = {str(ledger): {} for ledger in Ledger}
+    totals: dict[str, dict[str, int]] = {str(ledger): {} for ledger in SubLedger}
     for row in rows:
         totals.setdefault(row.ledger, {})[row.kind] = int(row.total)
     return totals

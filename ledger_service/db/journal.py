@@ -16,7 +16,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ledger_service.domain.accounts import Ledger
+from ledger_service.domain.accounts import SubLedger
 from ledger_service.domain.entries import EntryDraft
 from ledger_service.schemas import EntryView, PostingView
 
@@ -95,7 +95,7 @@ _BALANCES = text(
 )
 
 
-async def balances(conn: AsyncConnection, wanted: Iterable[tuple[str, Ledger]]) -> dict[tuple[str, Ledger], int]:
+async def balances(conn: AsyncConnection, wanted: Iterable[tuple[str, SubLedger]]) -> dict[tuple[str, SubLedger], int]:
     """Current balances of several (account, ledger) pairs in one round trip; unknown accounts read 0."""
     pairs = list(wanted)
     if not pairs:
@@ -103,10 +103,10 @@ async def balances(conn: AsyncConnection, wanted: Iterable[tuple[str, Ledger]]) 
     result = await conn.execute(
         _BALANCES, {"accounts": [a for a, _ in pairs], "ledgers": [str(ledger) for _, ledger in pairs]}
     )
-    return {(row.account, Ledger(row.ledger)): int(row.balance) for row in result}
+    return {(row.account, SubLedger(row.ledger)): int(row.balance) for row in result}
 
 
-async def balance(conn: AsyncConnection, account: str, ledger: Ledger) -> int:
+async def balance(conn: AsyncConnection, account: str, ledger: SubLedger) -> int:
     return (await balances(conn, [(account, ledger)]))[(account, ledger)]
 
 

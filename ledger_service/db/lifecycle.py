@@ -21,7 +21,7 @@ import msgspec
 from ledger_service.db.engine import asyncpg_dsn
 from ledger_service.db.pricing import prices_of
 from ledger_service.db.requests import request_row
-from ledger_service.domain.accounts import Ledger
+from ledger_service.domain.accounts import SubLedger
 from ledger_service.domain.lifecycle import RequestKind, RequestStatus
 from ledger_service.domain.planning import Operation, Plan, Snapshot, lock_targets, wanted
 from ledger_service.domain.pricing import Prices
@@ -232,7 +232,7 @@ async def read(
             r.request_id: request_row(msgspec.structs.asdict(r) | {"read_at": found.now}) for r in found.requests
         },
         tokens={t.token_id: (t.user_id, t.unlimited) for t in found.tokens},
-        balances={(b.account, Ledger(b.ledger)): b.balance for b in found.balances},
+        balances={(b.account, SubLedger(b.ledger)): b.balance for b in found.balances},
         prices=prices,
         seen_at=found.seen_at,
     )
@@ -285,7 +285,7 @@ def _plan_document(plan: Plan, snapshot: Snapshot, *, with_premises: bool) -> di
                 "resolved": row.kind is RequestKind.HOLD and row.status is not RequestStatus.OPEN,
             }
         )
-    changes: dict[tuple[str, Ledger], int] = {}
+    changes: dict[tuple[str, SubLedger], int] = {}
     for draft, _ in plan.entries:
         for posting in draft.postings:
             key = (posting.account, posting.ledger)

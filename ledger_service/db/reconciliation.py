@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ledger_service.domain.accounts import Ledger
+from ledger_service.domain.accounts import SubLedger
 from ledger_service.domain.audit import FeedPosition
 from ledger_service.domain.entries import Posting, content_hash
 
@@ -228,7 +228,7 @@ async def journal_in_feed_order(conn: AsyncConnection, *, batch: int = 2000) -> 
                 reference=row.reference,
                 reverses=row.reverses,
                 details=row.details,
-                postings=[Posting(Ledger(ledger), account, amount) for ledger, account, amount in postings],
+                postings=[Posting(SubLedger(ledger), account, amount) for ledger, account, amount in postings],
             )
             found.append(
                 JournalEntry(FeedPosition(int(row.txid_text), row.id), row.created_at, bytes(row.hash), computed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 
 
-class Ledger(enum.StrEnum):
+class SubLedger(enum.StrEnum):
     """A unit of account. Amounts of different ledgers never mix, and each entry balances per ledger."""
 
     QUOTA = "quota"
@@ -60,16 +60,16 @@ def kind_of(address: str) -> AccountKind | None:
 
 
 _LEDGERS_OF_KIND = {
-    AccountKind.USER: (Ledger.QUOTA,),
-    AccountKind.CHANNEL: (Ledger.QUOTA,),
-    AccountKind.TOKEN: (Ledger.ALLOWANCE,),
-    AccountKind.HOLD: (Ledger.QUOTA, Ledger.ALLOWANCE),
+    AccountKind.USER: (SubLedger.QUOTA,),
+    AccountKind.CHANNEL: (SubLedger.QUOTA,),
+    AccountKind.TOKEN: (SubLedger.ALLOWANCE,),
+    AccountKind.HOLD: (SubLedger.QUOTA, SubLedger.ALLOWANCE),
 }
 
-SYSTEM_ACCOUNTS = {ISSUANCE: (Ledger.QUOTA,), ALLOWANCE_POOL: (Ledger.ALLOWANCE,)}
+SYSTEM_ACCOUNTS = {ISSUANCE: (SubLedger.QUOTA,), ALLOWANCE_POOL: (SubLedger.ALLOWANCE,)}
 
 
-def ledgers_of(address: str) -> tuple[Ledger, ...] | None:
+def ledgers_of(address: str) -> tuple[SubLedger, ...] | None:
     """The ledgers an address lives in, or None when it is not an address of the chart of accounts."""
     if address in SYSTEM_ACCOUNTS:
         return SYSTEM_ACCOUNTS[address]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ledger_service.domain import errors
-from ledger_service.domain.accounts import AccountKind, Ledger, kind_of
+from ledger_service.domain.accounts import AccountKind, SubLedger, kind_of
 from ledger_service.domain.entries import EntryKind
 
 GENESIS_HASH = bytes(32)
@@ -83,7 +83,7 @@ class StatementPosition:
 
 
 STATEMENT_START = StatementPosition(0, 0, "")
-LEDGER_NAMES = frozenset(str(ledger) for ledger in Ledger)
+LEDGER_NAMES = frozenset(str(ledger) for ledger in SubLedger)
 
 
 @dataclass(frozen=True, slots=True)

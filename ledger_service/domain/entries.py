@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ledger_service.domain import accounts
-from ledger_service.domain.accounts import Ledger
+from ledger_service.domain.accounts import SubLedger
 from ledger_service.domain.canonical import canonical_json
 from ledger_service.domain.pricing import MAX_AMOUNT
 
@@ -41,7 +41,7 @@ class Posting(NamedTuple):
     operations builds several hundred of them, where a frozen dataclass's constructor is several times slower.
     """
 
-    ledger: Ledger
+    ledger: SubLedger
     account: str
     amount: int
 
@@ -64,8 +64,8 @@ class EntryDraft:
         postings = tuple(sorted([p for p in self.postings if p.amount != 0]))
         object.__setattr__(self, "postings", postings)
         # Sorted by ledger, then account: a ledger's postings are consecutive, and so are an account's.
-        totals: dict[Ledger, int] = {}
-        previous: tuple[Ledger, str] | None = None
+        totals: dict[SubLedger, int] = {}
+        previous: tuple[SubLedger, str] | None = None
         for ledger, account, amount in postings:
             if (ledger, account) == previous:
                 raise UnbalancedEntry(f"{account} is posted twice in {ledger}")
@@ -124,11 +124,11 @@ def content_hash(
 
 
 def _quota(account: str, amount: int) -> Posting:
-    return Posting(Ledger.QUOTA, account, amount)
+    return Posting(SubLedger.QUOTA, account, amount)
 
 
 def _allowance(account: str, amount: int) -> Posting:
-    return Posting(Ledger.ALLOWANCE, account, amount)
+    return Posting(SubLedger.ALLOWANCE, account, amount)
 
 
 def funding_postings(user_id: int, amount: int) -> tuple[Posting, ...]:

@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any, Literal, NamedTuple
 
 from ledger_service.domain import accounts, errors
-from ledger_service.domain.accounts import Ledger
+from ledger_service.domain.accounts import SubLedger
 from ledger_service.domain.entries import (
     EntryDraft,
     EntryKind,
@@ -65,7 +65,7 @@ class Snapshot:
     requests: Mapping[str, RequestRow]
     tokens: Mapping[int, tuple[int, bool]]
     """token_id -> (user_id, unlimited)."""
-    balances: Mapping[tuple[str, Ledger], int]
+    balances: Mapping[tuple[str, SubLedger], int]
     """The users' quota and the limited tokens' allowances (an unlimited token's allowance is not read)."""
     prices: Callable[[str, str], Prices]
     """(model, group) -> the prices a request is priced with (defaults for unknown models and groups)."""
@@ -106,7 +106,7 @@ class Plan:
 
     results: list[Result] = field(default_factory=list)
     lock_users: set[int] = field(default_factory=set)
-    balance_bounds: dict[tuple[str, Ledger], Bounds] = field(default_factory=dict)
+    balance_bounds: dict[tuple[str, SubLedger], Bounds] = field(default_factory=dict)
     """For each balance a decision rests on: the range its value before the plan may take at apply time for every
     decision of the plan to come out the same (the planner works from the value read)."""
     expect_tokens: dict[int, bool] = field(default_factory=dict)
@@ -154,8 +154,8 @@ def wanted(operations: list[Operation]) -> dict[str, list[Any]]:
             models.add(command.model)
             groups.add(command.group)
         if isinstance(command, HoldCommand):
-            accounts_wanted.add((accounts.user(command.user_id), str(Ledger.QUOTA)))
-            accounts_wanted.add((accounts.token(command.token_id), str(Ledger.ALLOWANCE)))
+            accounts_wanted.add((accounts.user(command.user_id), str(SubLedger.QUOTA)))
+            accounts_wanted.add((accounts.token(command.token_id), str(SubLedger.ALLOWANCE)))
     return {
         "request_ids": sorted(request_ids),
         "token_ids": sorted(token_ids),
@@ -218,15 +218,15 @@ class Planner:
             return None
         user_id, unlimited = found
         limited_and_wanted = with_remaining and not unlimited
-        remaining = self._balance(accounts.token(token_id), Ledger.ALLOWANCE) if limited_and_wanted else 0
+        remaining = self._balance(accounts.token(token_id), SubLedger.ALLOWANCE) if limited_and_wanted else 0
         return TokenState(token_id=token_id, user_id=user_id, unlimited=unlimited, remaining=remaining)
 
-    def _balance(self, account: str, ledger: Ledger) -> int:
+    def _balance(self, account: str, ledger: SubLedger) -> int:
         """A balance as read plus this plan's postings so far."""
         return self._balances[(account, ledger)]
 
     def _require(
-        self, account: str, ledger: Ledger, *, at_least: int | None = None, at_most: int | None = None
+        self, account: str, ledger: SubLedger, *, at_least: int | None = None, at_most: int | None = None
     ) -> None:
         """A premise: the decision just made stays the same while the running balance stays in [at_least, at_most].
 
@@ -246,20 +246,20 @@ class Planner:
         """What must still be true of the user's and token's balances for this hold's decision to stand."""
         user = accounts.user(command.user_id)
         allowance = accounts.token(command.token_id)
-        self._require(user, Ledger.QUOTA, at_least=estimate)
+        self._require(user, SubLedger.QUOTA, at_least=estimate)
         if token.limited:
-            self._require(allowance, Ledger.ALLOWANCE, at_least=estimate)
+            self._require(allowance, SubLedger.ALLOWANCE, at_least=estimate)
         if self.trust_factor == 0:
             return
         threshold = self.trust_factor * estimate
         if trusted:  # both parts of the trust rule held, and must keep holding
-            self._require(user, Ledger.QUOTA, at_least=threshold + 1)
+            self._require(user, SubLedger.QUOTA, at_least=threshold + 1)
             if token.limited:
-                self._require(allowance, Ledger.ALLOWANCE, at_least=threshold + 1)
+                self._require(allowance, SubLedger.ALLOWANCE, at_least=threshold + 1)
         elif available <= threshold:  # untrusted: keep the part of the rule that failed failing
-            self._require(user, Ledger.QUOTA, at_most=threshold)
+            self._require(user, SubLedger.QUOTA, at_most=threshold)
         else:
-            self._require(allowance, Ledger.ALLOWANCE, at_most=threshold)
+            self._require(allowance, SubLedger.ALLOWANCE, at_most=threshold)
 
     def _post(self, draft: EntryDraft, charged: int | None = None) -> None:
         self.plan.entries.append((draft, charged))
@@ -339,7 +339,7 @@ class Planner:
                 max_tokens=command.max_tokens,
             )
         )
-        available = self._balance(accounts.user(command.user_id), Ledger.QUOTA)
+        available = self._balance(accounts.user(command.user_id), SubLedger.QUOTA)
         decision = decide_hold(available=available, token=token, estimate=estimate, trust_factor=self.trust_factor)
         # Decided: from here on the plan changes.
         self._hold_premises(command, token, available, estimate, decision.trusted)

@@ -290,7 +290,7 @@ class AuditService:
                 return total
 
 
-def _ledgers(address: str) -> tuple[accounts.Ledger, ...]:
+def _ledgers(address: str) -> tuple[accounts.SubLedger, ...]:
     found = accounts.ledgers_of(address)
     if found is None:
         raise errors.ValidationFailed(

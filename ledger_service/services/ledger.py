@@ -29,7 +29,7 @@ from ledger_service.db.transactions import (
     sqlstate_of,
 )
 from ledger_service.domain import accounts, errors
-from ledger_service.domain.accounts import Ledger
+from ledger_service.domain.accounts import SubLedger
 from ledger_service.domain.audit import check_reversible
 from ledger_service.domain.entries import (
     EntryDraft,
@@ -145,7 +145,7 @@ class LedgerService:
             existing = await tokens.get(conn, token_id)
             if existing is not None and existing.user_id != command.user_id:
                 raise errors.TokenUserMismatch(f"token {token_id} belongs to another user")
-            current = await journal.balance(conn, accounts.token(token_id), Ledger.ALLOWANCE)
+            current = await journal.balance(conn, accounts.token(token_id), SubLedger.ALLOWANCE)
             target = 0 if command.unlimited else (command.remaining or 0)
             delta = target - current
             if abs(delta) > MAX_AMOUNT:
@@ -222,7 +222,9 @@ class LedgerService:
                 )
             draft = EntryDraft(
                 kind=EntryKind.REVERSAL,
-                postings=reversal_postings(Posting(Ledger(p.ledger), p.account, p.amount) for p in original.postings),
+                postings=reversal_postings(
+                    Posting(SubLedger(p.ledger), p.account, p.amount) for p in original.postings
+                ),
                 request_id=original.request_id,
                 user_id=original.user_id,
                 token_id=original.token_id,
@@ -313,7 +315,7 @@ class LedgerService:
         return await run_transaction(self.engine, work, isolation_level="REPEATABLE READ")
 
     async def _user(self, conn: AsyncConnection, user_id: int) -> UserView:
-        available = await journal.balance(conn, accounts.user(user_id), Ledger.QUOTA)
+        available = await journal.balance(conn, accounts.user(user_id), SubLedger.QUOTA)
         held = await requests.held_by(conn, user_id=user_id)
         used, count = await journal.usage(conn, "user", user_id)
         return UserView(user_id=user_id, available=available, held=held, used=used, request_count=count)
@@ -322,7 +324,7 @@ class LedgerService:
         row = await tokens.get(conn, token_id)
         if row is None:
             return None
-        remaining = 0 if row.unlimited else await journal.balance(conn, accounts.token(token_id), Ledger.ALLOWANCE)
+        remaining = 0 if row.unlimited else await journal.balance(conn, accounts.token(token_id), SubLedger.ALLOWANCE)
         return TokenState(token_id=token_id, user_id=row.user_id, unlimited=row.unlimited, remaining=remaining)
 
     async def _token(self, conn: AsyncConnection, token_id: int) -> TokenView | None:
