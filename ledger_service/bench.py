@@ -300,15 +300,14 @@ class InProcessBatches:
         from ledger_service.db.engine import create_engine
         from ledger_service.db.lifecycle import SeenBalances, create_pool
         from ledger_service.services.batch import BatchService
-        from ledger_service.services.ledger import LedgerService
         from ledger_service.services.lifecycle import LifecycleService
         from ledger_service.settings import Settings
 
         settings = Settings.from_env(dict(SERVICE_SETTINGS, LEDGER_DATABASE_URL=database_url))
         seen = SeenBalances()
         pool = await create_pool(database_url, size=clients, on_connect=seen.forget)
-        engine = create_engine(database_url, pool_size=1)  # BatchService wants a LedgerService; batches never use it
-        return cls(BatchService(LedgerService(engine, settings, LifecycleService(pool, settings, seen))), pool, engine)
+        engine = create_engine(database_url, pool_size=1)
+        return cls(BatchService(LifecycleService(pool, settings, seen)), pool, engine)
 
     async def close(self) -> None:
         await self.pool.close()

@@ -14,87 +14,42 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from ledger_service.domain.operations import (
+    MAX_ID,
+    Command,
+    ConsumptionCommand,
+    Count,
+    ExpiresIn,
+    HoldCommand,
+    Id,
+    Key,
+    Name,
+    Note,
+    RefundCommand,
+    SettleCommand,
+)
 from ledger_service.domain.pricing import MAX_AMOUNT, check_ratio
 
-MAX_ID = 2**63 - 1
-
-Id = Annotated[int, Meta(ge=1, le=MAX_ID, description="An integer id, 1..2^63-1.")]
-Count = Annotated[int, Meta(ge=0, le=MAX_AMOUNT, description="A token count or amount, 0..10^15.")]
 PositiveAmount = Annotated[int, Meta(ge=1, le=MAX_AMOUNT, description="An amount, 1..10^15.")]
 SignedAmount = Annotated[int, Meta(ge=-MAX_AMOUNT, le=MAX_AMOUNT, description="A signed amount, not 0.")]
-Key = Annotated[
-    str,
-    Meta(
-        min_length=1,
-        max_length=128,
-        pattern=r"\A[A-Za-z0-9._:-]+\Z",
-        description="An idempotency key: 1-128 characters of A-Z a-z 0-9 . _ : -",
-    ),
-]
-Name = Annotated[
-    str,
-    Meta(
-        min_length=1,
-        max_length=200,
-        pattern=r"\A[^\x00-\x1f\x7f]+\Z",
-        description="1-200 printable characters.",
-    ),
-]
-Note = Annotated[
-    str,
-    Meta(
-        max_length=2000,
-        pattern=r"\A[^\x00]*\Z",
-        description="Free text kept in the entry's details (any Unicode but NUL, which PostgreSQL cannot store).",
-    ),
-]
-ExpiresIn = Annotated[int, Meta(ge=1, le=86400, description="Seconds until the hold expires, 1..86400.")]
 Ratio = Annotated[Decimal, Meta(description="A decimal ratio, as a JSON number or string; kept exactly.")]
 Role = Literal["admin", "relay", "auditor"]
 
-
-class Command(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Base of every request body: unknown fields are an error, not silently dropped."""
-
-
-# Lifecycle ---------------------------------------------------------------------------------------------------
-
-
-class HoldCommand(Command):
-    request_id: Key
-    user_id: Id
-    token_id: Id
-    model: Name
-    prompt_tokens: Count
-    group: Name = "default"
-    max_tokens: Count = 0
-    amount: Count | None = None
-    """Hold exactly this much instead of the estimate."""
-    expires_in: ExpiresIn | None = None
-
-
-class SettleCommand(Command):
-    channel_id: Id
-    prompt_tokens: Count
-    completion_tokens: Count
-    quota: Count | None = None
-    """Charge exactly this much instead of the priced charge."""
-
-
-class RefundCommand(Command):
-    reason: Note | None = None
-
-
-class ConsumptionCommand(Command):
-    request_id: Key
-    user_id: Id
-    token_id: Id
-    channel_id: Id
-    model: Name
-    prompt_tokens: Count
-    completion_tokens: Count
-    group: Name = "default"
-    quota: Count | None = None
+# The lifecycle's commands and value types are the domain's (domain/operations.py); named here for the API.
+__all__ = [
+    "MAX_ID",
+    "Command",
+    "ConsumptionCommand",
+    "Count",
+    "ExpiresIn",
+    "HoldCommand",
+    "Id",
+    "Key",
+    "Name",
+    "Note",
+    "RefundCommand",
+    "SettleCommand",
+]
 
 
 # Funding and tokens ------------------------------------------------------------------------------------------

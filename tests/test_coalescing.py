@@ -7,12 +7,14 @@ The groups are observed by wrapping `LifecycleService.run`, the one place a grou
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
 
 from ledger_service.domain import errors
-from ledger_service.domain.planning import Operation, Planned, Result
+from ledger_service.domain.operations import Hold, Operation
+from ledger_service.domain.planning import Planned, Result
 from ledger_service.schemas import HoldCommand, TokenCommand, TopupCommand
 from ledger_service.services.ledger import LedgerService
 from ledger_service.services.lifecycle import LifecycleService
@@ -36,7 +38,7 @@ class GatedLifecycle(LifecycleService):
             self.all_called.set()  # this call queues in this same step, before any other task runs
         return await super().run_one(operation)
 
-    async def run(self, operations: list[Operation], *, atomic: bool = False) -> list[Result]:
+    async def run(self, operations: Sequence[Operation], *, atomic: bool = False) -> list[Result]:
         self.groups.append([operation.request_id for operation in operations])
         if len(self.groups) == 1:
             self.first_group_waiting.set()
@@ -55,7 +57,7 @@ async def funded(service: LedgerService) -> LedgerService:
 
 def hold(request_id: str, user_id: int) -> Operation:
     command = HoldCommand(request_id=request_id, user_id=user_id, token_id=user_id, model="gpt-4o", prompt_tokens=10)
-    return Operation("hold", request_id, command)
+    return Hold(command)
 
 
 def lifecycle_with(service: LedgerService, coalesce_groups: int) -> GatedLifecycle:

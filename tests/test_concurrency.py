@@ -12,11 +12,13 @@ from typing import Any
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 
 from ledger_service.db import lifecycle as lifecycle_db
-from ledger_service.domain.accounts import SubLedger as LedgerName
-from ledger_service.domain.planning import Operation, Plan, Planner, Result, Snapshot
+from ledger_service.domain.accounts import SubLedger
+from ledger_service.domain.operations import Hold, Operation
+from ledger_service.domain.planning import Plan, Planner, Result, Snapshot
 from ledger_service.schemas import HoldCommand
 from ledger_service.services.housekeeping import refresh_snapshots
 from ledger_service.services.ledger import LedgerService
@@ -65,8 +67,8 @@ async def test_without_the_plans_premises_and_locks_the_same_load_oversells(
     the 50 holds, each planned from a balance read before the others committed, oversell the quota."""
     unguarded = lifecycle_db._plan_document
 
-    def without_guards(plan: Plan, snapshot: Snapshot, *, with_premises: bool) -> dict[str, Any]:
-        return unguarded(plan, snapshot, with_premises=False) | {"lock_users": []}
+    def without_guards(plan: Plan, snapshot: Snapshot, *, with_premises: bool) -> Any:
+        return msgspec.structs.replace(unguarded(plan, snapshot, with_premises=False), lock_users=[])
 
     async def one_at_a_time(self: LifecycleService, operation: Operation) -> Result:
         [result] = await self.run([operation])  # no coalescing: each hold plans from its own read
@@ -176,7 +178,7 @@ async def _plan_hold(ledger: LedgerClient, request_id: str, trust_factor: int = 
     command = HoldCommand(
         request_id=request_id, user_id=1, token_id=1, model="gpt-4o", prompt_tokens=100, max_tokens=200
     )
-    operations = [Operation("hold", request_id, command)]
+    operations = [Hold(command)]
     snapshot = await lifecycle_db.read(ledger.conn, operations, lock=False)
     planner = Planner(snapshot, pre_consumed_quota=500, trust_factor=trust_factor, hold_ttl=600)
     return planner.plan_all(operations, atomic=False), snapshot
@@ -245,7 +247,7 @@ async def test_a_drain_in_flight_during_the_read_makes_the_plan_stale(
     async with raw.transaction():
         await raw.execute(DRAIN, ESTIMATE)  # in flight while the plan is made
         hold, read = await _plan_hold(ledger, "after-drain")
-        assert read.balances[("user:1", LedgerName.QUOTA)] == ESTIMATE + ESTIMATE // 2
+        assert read.balances[("user:1", SubLedger.QUOTA)] == ESTIMATE + ESTIMATE // 2
     applied = await lifecycle_db.apply(ledger.conn, hold, read, with_premises=with_premises)
     assert (applied is None) is with_premises
     assert (await ledger.user(1))["available"] == (ESTIMATE // 2 if with_premises else -ESTIMATE // 2)
@@ -276,13 +278,9 @@ async def test_a_balance_read_again_is_the_one_seen_plus_what_its_snapshot_could
     committed since counts, one still in flight does not until it commits, and each answer equals a full read."""
     await ledger.fund(1, 10 * ESTIMATE)
     await ledger.token(1, 1)
-    operations = [
-        Operation(
-            "hold", "probe", HoldCommand(request_id="probe", user_id=1, token_id=1, model="gpt-4o", prompt_tokens=1)
-        )
-    ]
+    operations = [Hold(HoldCommand(request_id="probe", user_id=1, token_id=1, model="gpt-4o", prompt_tokens=1))]
     seen = lifecycle_db.SeenBalances()
-    key = ("user:1", LedgerName.QUOTA)
+    key = ("user:1", SubLedger.QUOTA)
 
     async def both() -> tuple[int, int]:
         assert "seen" in seen.annotate([{"account": "user:1", "ledger": "quota"}])[0]  # the read is given what was seen
@@ -321,10 +319,10 @@ async def test_a_balance_read_inside_a_transaction_with_an_id_is_not_remembered(
     them. Remembering it made the next read miss the drain below, and a hold could then overspend."""
     await ledger.fund(1, 10 * ESTIMATE)
     await ledger.token(1, 1)
-    operations = [Operation("hold", "probe", HoldCommand(request_id="probe", user_id=1, token_id=1, model="gpt-4o",
+    operations = [Hold(HoldCommand(request_id="probe", user_id=1, token_id=1, model="gpt-4o",
                                                          prompt_tokens=1))]  # fmt: skip
     seen = lifecycle_db.SeenBalances()
-    key = ("user:1", LedgerName.QUOTA)
+    key = ("user:1", SubLedger.QUOTA)
     async with raw.transaction():
         await raw.execute("SELECT pg_current_xact_id()")  # this transaction has an id
         await ledger.conn.execute("SELECT pg_current_xact_id()")  # a later id commits meanwhile
@@ -343,7 +341,7 @@ async def test_a_trust_threshold_beyond_bigint_is_still_a_premise(ledger: Ledger
     await ledger.fund(1, 10**15)
     await ledger.token(1, 1)
     command = HoldCommand(request_id="huge", user_id=1, token_id=1, model="gpt-4o", prompt_tokens=0, amount=10**15)
-    operations = [Operation("hold", "huge", command)]
+    operations = [Hold(command)]
     snapshot = await lifecycle_db.read(ledger.conn, operations, lock=False)
     plan = Planner(snapshot, pre_consumed_quota=500, trust_factor=10**6, hold_ttl=600).plan_all(
         operations, atomic=False

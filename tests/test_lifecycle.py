@@ -220,10 +220,10 @@ async def test_expired_holds_are_refunded_by_the_sweeper(ledger: LedgerClient, s
     await ledger.token(1, 1, remaining=5000)
     hold = (await ledger.hold(request_id="r", prompt_tokens=100, max_tokens=200, expires_in=30)).json()
     assert hold["expires_at"] > hold["created_at"]
-    assert await service.expire_due_holds() == 0  # not due yet
+    assert await service.lifecycle.expire_due_holds() == 0  # not due yet
     await ledger.backdate("r")
-    assert await service.expire_due_holds() == 1
-    assert await service.expire_due_holds() == 0  # exactly once
+    assert await service.lifecycle.expire_due_holds() == 1
+    assert await service.lifecycle.expire_due_holds() == 0  # exactly once
     view = (await ledger.get("/v1/holds/r")).json()
     assert view["status"] == "expired"
     assert [e["kind"] for e in view["entries"]] == ["hold", "expire"]

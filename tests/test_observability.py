@@ -51,7 +51,7 @@ async def test_metrics_count_requests_by_route_and_the_lifecycle(
     await ledger.post("/v1/holds/m2/refund", {})
     await ledger.backdate("m3")
     await Housekeeping(
-        service.engine, service, AuditService(service.engine, sweep_interval_seconds=5), settings
+        service.engine, service.lifecycle, AuditService(service.engine, sweep_interval_seconds=5), settings
     ).sweep()
     await ledger.get("/v1/holds/nope")
     await ledger.get("/v1/no-such-route")  # no route: 404
@@ -90,7 +90,7 @@ async def test_gauges_show_how_stale_the_background_work_is(
         " SET session_replication_role = origin"
     )
     housekeeping = Housekeeping(
-        service.engine, service, AuditService(service.engine, sweep_interval_seconds=5), settings
+        service.engine, service.lifecycle, AuditService(service.engine, sweep_interval_seconds=5), settings
     )
     await housekeeping.materialize()
     samples = await scrape(ledger)

@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ledger_service.domain.accounts import SubLedger as LedgerName
+from ledger_service.domain.accounts import SubLedger
 from ledger_service.domain.entries import Posting, content_hash
 from ledger_service.services.audit import AuditService
 from ledger_service.services.housekeeping import refresh_snapshots
@@ -130,7 +130,7 @@ async def build_books(ledger: LedgerClient, service: LedgerService) -> None:
     await hold(ledger, A_EXPIRED, 3, 31, 4_000)
     await ledger.backdate(A_LATE)
     await ledger.backdate(A_EXPIRED)
-    assert await service.expire_due_holds() == 2
+    assert await service.lifecycle.expire_due_holds() == 2
     late = await settle(ledger, A_LATE, 8, prompt_tokens=50, completion_tokens=10)
     assert late["late"] is True
     await hold(ledger, A_OPEN, 2, 21, 6_000)
@@ -433,7 +433,7 @@ async def test_an_unbalanced_entry_inserted_with_the_triggers_off_is_named(books
             kind="adjustment",
             reference="free-money",
             user_id=1,
-            postings=[Posting(LedgerName.QUOTA, "user:1", 1_000)],
+            postings=[Posting(SubLedger.QUOTA, "user:1", 1_000)],
         )
 
     checks = await reconcile(books)
@@ -450,7 +450,7 @@ async def test_a_channel_credited_without_a_charge_is_named(books: LedgerClient)
         kind="adjustment",
         reference="slush",
         user_id=None,
-        postings=[Posting(LedgerName.QUOTA, "system:issuance", -100), Posting(LedgerName.QUOTA, "channel:7", 100)],
+        postings=[Posting(SubLedger.QUOTA, "system:issuance", -100), Posting(SubLedger.QUOTA, "channel:7", 100)],
     )
     used = await books.count("SELECT sum(charged) FROM entries WHERE channel_id = 7 AND charged IS NOT NULL")
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 from litestar import Litestar, Router
 from litestar.datastructures import State
@@ -40,29 +41,23 @@ from ledger_service.services.pricing import PricingService
 from ledger_service.settings import Settings, SettingsError
 
 
-def provide_ledger(state: State) -> LedgerService:
-    ledger: LedgerService = state.ledger
-    return ledger
+def _provide(name: str) -> Provide:
+    """A dependency that hands a handler the service the lifespan keeps on the app's state under `name`."""
+
+    def provide(state: State) -> Any:
+        return state[name]
+
+    return Provide(provide, sync_to_thread=False)
 
 
-def provide_pricing(state: State) -> PricingService:
-    pricing: PricingService = state.pricing
-    return pricing
-
-
-def provide_batches(state: State) -> BatchService:
-    batches: BatchService = state.batches
-    return batches
-
-
-def provide_audit(state: State) -> AuditService:
-    audit: AuditService = state.audit
-    return audit
-
-
-def provide_api_keys(state: State) -> ApiKeyService:
-    keys: ApiKeyService = state.api_keys
-    return keys
+DEPENDENCIES = {
+    "ledger": _provide("ledger"),
+    "prices": _provide("pricing"),
+    "keys": _provide("api_keys"),
+    "audit": _provide("audit"),
+    "batches": _provide("batches"),
+}
+"""Handler parameter -> the service it receives."""
 
 
 class MetricsController(PrometheusController):
@@ -83,41 +78,6 @@ def serve_app() -> Litestar:
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the Litestar app. The database must already exist and be migrated (`ledger-service serve` does both)."""
     settings = settings or Settings.from_env()
-
-    @asynccontextmanager
-    async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        if settings.database_url is None:
-            raise SettingsError(
-                "LEDGER_DATABASE_URL is not set (`ledger-service serve` sets it for the embedded server)"
-            )
-        engine = create_engine(settings.database_url, pool_size=settings.pool_size)
-        seen = SeenBalances()
-        lifecycle_pool = await create_pool(settings.database_url, size=settings.pool_size, on_connect=seen.forget)
-        ledger = LedgerService(engine, settings, LifecycleService(lifecycle_pool, settings, seen))
-        app.state.engine = engine
-        app.state.ledger = ledger
-        app.state.batches = BatchService(ledger)
-        app.state.pricing = PricingService(engine)
-        app.state.api_keys = ApiKeyService(engine)
-        app.state.rate_limiter = (
-            RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
-            if settings.rate_limit_per_second > 0
-            else None
-        )
-        audit = AuditService(engine, sweep_interval_seconds=settings.sweep_interval_seconds)
-        app.state.audit = audit
-        if settings.admin_key:
-            await app.state.api_keys.ensure(settings.admin_key)
-        housekeeping = Housekeeping(engine, ledger, audit, settings)
-        if settings.background_tasks:
-            housekeeping.start()
-        try:
-            yield
-        finally:
-            await housekeeping.stop()
-            await lifecycle_pool.close()
-            await engine.dispose()
-
     v1 = Router(
         path="/v1",
         security=[{"BearerAuth": []}],
@@ -141,33 +101,71 @@ def create_app(settings: Settings | None = None) -> Litestar:
         plugins=[StrictBodies()],  # request bodies: decoded once, strictly (api/bodies.py)
         request_max_body_size=settings.max_body_bytes,
         logging_config=None,
-        lifespan=[lifespan],
-        dependencies={
-            "ledger": Provide(provide_ledger, sync_to_thread=False),
-            "prices": Provide(provide_pricing, sync_to_thread=False),
-            "keys": Provide(provide_api_keys, sync_to_thread=False),
-            "audit": Provide(provide_audit, sync_to_thread=False),
-            "batches": Provide(provide_batches, sync_to_thread=False),
-        },
+        lifespan=[_lifespan(settings)],
+        dependencies=DEPENDENCIES,
         exception_handlers={Exception: handle_exception},
-        openapi_config=OpenAPIConfig(
-            title="Ledger service",
-            version="1.0.0",
-            description="A double-entry ledger for LLM API relays. See docs/api.md.",
-            path="/schema",
-            render_plugins=[SwaggerRenderPlugin()],
-            components=Components(
-                security_schemes={
-                    "BearerAuth": SecurityScheme(
-                        type="http", scheme="bearer", description="An API key: `Authorization: Bearer <key>`"
-                    )
-                }
-            ),
-        ),
+        openapi_config=OPENAPI,
     )
     _require_admission(app)
     app.asgi_handler = unrouted_middleware(app.asgi_handler)  # 404 and 405 for no route: logged and counted too
     return app
+
+
+OPENAPI = OpenAPIConfig(
+    title="Ledger service",
+    version="1.0.0",
+    description="A double-entry ledger for LLM API relays. See docs/api.md.",
+    path="/schema",
+    render_plugins=[SwaggerRenderPlugin()],
+    components=Components(
+        security_schemes={
+            "BearerAuth": SecurityScheme(
+                type="http", scheme="bearer", description="An API key: `Authorization: Bearer <key>`"
+            )
+        }
+    ),
+)
+
+
+def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
+    """Open the database pools and build the services when the app starts; stop and close them when it stops."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        if settings.database_url is None:
+            raise SettingsError(
+                "LEDGER_DATABASE_URL is not set (`ledger-service serve` sets it for the embedded server)"
+            )
+        engine = create_engine(settings.database_url, pool_size=settings.pool_size)
+        seen = SeenBalances()
+        lifecycle_pool = await create_pool(settings.database_url, size=settings.pool_size, on_connect=seen.forget)
+        lifecycle = LifecycleService(lifecycle_pool, settings, seen)
+        audit = AuditService(engine, sweep_interval_seconds=settings.sweep_interval_seconds)
+        state = app.state
+        state.engine = engine
+        state.ledger = LedgerService(engine, settings, lifecycle)
+        state.batches = BatchService(lifecycle)
+        state.pricing = PricingService(engine)
+        state.api_keys = ApiKeyService(engine)
+        state.audit = audit
+        state.rate_limiter = (
+            RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+            if settings.rate_limit_per_second > 0
+            else None
+        )
+        if settings.admin_key:
+            await state.api_keys.ensure(settings.admin_key)
+        housekeeping = Housekeeping(engine, lifecycle, audit, settings)
+        if settings.background_tasks:
+            housekeeping.start()
+        try:
+            yield
+        finally:
+            await housekeeping.stop()
+            await lifecycle_pool.close()
+            await engine.dispose()
+
+    return lifespan
 
 
 def _require_admission(app: Litestar) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from functools import cache
@@ -20,10 +20,11 @@ import msgspec
 
 from ledger_service.db.engine import asyncpg_dsn
 from ledger_service.db.pricing import prices_of
-from ledger_service.db.requests import request_row
 from ledger_service.domain.accounts import SubLedger
-from ledger_service.domain.lifecycle import RequestKind, RequestStatus
-from ledger_service.domain.planning import Operation, Plan, Snapshot, lock_targets, wanted
+from ledger_service.domain.entries import EntryKind, Posting
+from ledger_service.domain.lifecycle import RequestRow, RequestStatus
+from ledger_service.domain.operations import Operation
+from ledger_service.domain.planning import Plan, Snapshot, Wanted, wanted
 from ledger_service.domain.pricing import Prices
 
 if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
@@ -65,35 +66,6 @@ async def create_pool(
     return pool
 
 
-class _Request(msgspec.Struct):
-    request_id: str
-    kind: str
-    status: str
-    user_id: int
-    token_id: int
-    token_limited: bool
-    group_name: str
-    model: str
-    prompt_tokens: int
-    max_tokens: int
-    amount: int
-    trusted: bool
-    model_ratio: Decimal
-    completion_ratio: Decimal
-    group_ratio: Decimal
-    model_price: Decimal | None
-    channel_id: int | None
-    charged: int | None
-    late: bool
-    settled_prompt_tokens: int | None
-    completion_tokens: int | None
-    request_fingerprint: bytes  # base64 in the document
-    settle_fingerprint: bytes | None
-    refund_fingerprint: bytes | None
-    created_at: datetime
-    expires_at: datetime | None
-
-
 class _Token(msgspec.Struct):
     token_id: int
     user_id: int
@@ -121,7 +93,7 @@ class _Group(msgspec.Struct):
 class _Snapshot(msgspec.Struct):
     now: datetime
     seen_at: str | None
-    requests: list[_Request]
+    requests: list[RequestRow]
     tokens: list[_Token]
     balances: list[_Balance]
     models: list[_Model]
@@ -137,6 +109,52 @@ class _Created(msgspec.Struct):
 class _Applied(msgspec.Struct):
     stale: bool = False
     created: list[_Created] = []
+
+
+class _ExpectedRequest(msgspec.Struct):
+    request_id: str
+    status: RequestStatus
+
+
+class _ExpectedBalance(msgspec.Struct):
+    account: str
+    ledger: SubLedger
+    seen: int
+    seen_at: str | None
+    low: int | None
+    high: int | None
+
+
+class _ExpectedToken(msgspec.Struct):
+    token_id: int
+    unlimited: bool
+
+
+class _Entry(msgspec.Struct):
+    kind: EntryKind
+    request_id: str | None
+    user_id: int | None
+    token_id: int | None
+    channel_id: int | None
+    charged: int | None
+    details: Mapping[str, Any]
+    hash: bytes
+    postings: tuple[Posting, ...]
+    """Each as [ledger, account, amount]."""
+
+
+class _PlanDocument(msgspec.Struct):
+    """The argument of `ledger_lifecycle_apply`: what to write, and the premises to check."""
+
+    lock_users: list[int]
+    expect_requests: list[_ExpectedRequest]
+    expect_balances: list[_ExpectedBalance]
+    expect_tokens: list[_ExpectedToken]
+    new_requests: list[RequestRow]
+    expires_in: dict[str, int]
+    """request_id -> seconds, for each new hold (a request absent here never expires)."""
+    updated_requests: list[RequestRow]
+    entries: list[_Entry]
 
 
 STALE_PLAN = "LS001"
@@ -199,20 +217,30 @@ class SeenBalances:
         self._seen.clear()
 
 
+def _read_document(want: Wanted, *, lock: bool, seen: SeenBalances | None) -> dict[str, Any]:
+    """The argument of `ledger_lifecycle_read`; with `lock`, the users and requests to lock first."""
+    balances = [{"account": account, "ledger": str(ledger)} for account, ledger in sorted(want.balances)]
+    document: dict[str, Any] = {
+        "request_ids": sorted(want.request_ids),
+        "token_ids": sorted(want.token_ids),
+        "accounts": balances if seen is None else seen.annotate(balances),
+        "models": sorted(want.models),
+        "groups": sorted(want.groups),
+    }
+    if lock:
+        document.update(lock=True, lock_users=sorted(want.lock_users), lock_requests=sorted(want.lock_requests))
+    return document
+
+
 async def read(
-    conn: Connection, operations: list[Operation], *, lock: bool, seen: SeenBalances | None = None
+    conn: Connection, operations: Sequence[Operation], *, lock: bool, seen: SeenBalances | None = None
 ) -> Snapshot:
     """One statement: everything the operations decide on. With `lock`, inside the caller's transaction, their
     users and requests are locked first, so nothing read can change before the plan is applied. With `seen`,
     balances read before are brought up to date rather than read again, and the balances read are remembered."""
-    want: dict[str, Any] = wanted(operations)
-    if lock:
-        users, moved = lock_targets(operations)
-        want.update(lock=True, lock_users=users, lock_requests=moved)
-    if seen is not None:
-        want["accounts"] = seen.annotate(want["accounts"])
+    document = _read_document(wanted(operations), lock=lock, seen=seen)
     found = _snapshot_decoder.decode(
-        await conn.fetchval("SELECT ledger_lifecycle_read($1::jsonb)", _encoder.encode(want).decode())
+        await conn.fetchval("SELECT ledger_lifecycle_read($1::jsonb)", _encoder.encode(document).decode())
     )
     if seen is not None and found.seen_at is not None:  # None: read inside a transaction that has an id
         seen.remember(found.balances, found.seen_at)
@@ -228,9 +256,7 @@ async def read(
 
     return Snapshot(
         now=found.now,
-        requests={
-            r.request_id: request_row(msgspec.structs.asdict(r) | {"read_at": found.now}) for r in found.requests
-        },
+        requests={r.request_id: r for r in found.requests},
         tokens={t.token_id: (t.user_id, t.unlimited) for t in found.tokens},
         balances={(b.account, SubLedger(b.ledger)): b.balance for b in found.balances},
         prices=prices,
@@ -238,100 +264,55 @@ async def read(
     )
 
 
-def _hex(value: bytes | None) -> str | None:
-    return None if value is None else value.hex()
-
-
-def _plan_document(plan: Plan, snapshot: Snapshot, *, with_premises: bool) -> dict[str, Any]:
+def _plan_document(plan: Plan, snapshot: Snapshot, *, with_premises: bool) -> _PlanDocument:
     if with_premises and plan.balance_bounds and snapshot.seen_at is None:
         raise RuntimeError("balance premises need the snapshot their balances were read in")
-    new_requests = []
-    updated_requests = []
-    for request_id, row in plan.requests.items():
-        resolution = {
-            "request_id": request_id,
-            "status": str(row.status),
-            "channel_id": row.channel_id,
-            "settled_prompt_tokens": row.settled_prompt_tokens,
-            "completion_tokens": row.completion_tokens,
-            "charged": row.charged,
-            "late": row.late,
-            "settle_fingerprint": _hex(row.settle_fingerprint),
-            "refund_fingerprint": _hex(row.refund_fingerprint),
-        }
-        if request_id not in plan.new_requests:
-            updated_requests.append(resolution)
-            continue
-        prices = row.prices
-        new_requests.append(
-            resolution
-            | {
-                "kind": str(row.kind),
-                "user_id": row.user_id,
-                "token_id": row.token_id,
-                "token_limited": row.token_limited,
-                "group_name": row.group,
-                "model": row.model,
-                "prompt_tokens": row.prompt_tokens,
-                "max_tokens": row.max_tokens,
-                "amount": row.amount,
-                "trusted": row.trusted,
-                "model_ratio": str(prices.model_ratio),
-                "completion_ratio": str(prices.completion_ratio),
-                "group_ratio": str(prices.group_ratio),
-                "model_price": None if prices.model_price is None else str(prices.model_price),
-                "request_fingerprint": row.request_fingerprint.hex(),
-                "expires_in": plan.new_requests[request_id] if row.kind is RequestKind.HOLD else None,
-                "resolved": row.kind is RequestKind.HOLD and row.status is not RequestStatus.OPEN,
-            }
-        )
+    rows = plan.requests.values()
+    return _PlanDocument(
+        lock_users=sorted(plan.lock_users),
+        expect_requests=[_ExpectedRequest(request_id, status) for request_id, status in plan.expect_requests.items()],
+        expect_balances=_expected_balances(plan, snapshot) if with_premises else [],
+        expect_tokens=[_ExpectedToken(t, unlimited) for t, unlimited in plan.expect_tokens.items()]
+        if with_premises
+        else [],
+        new_requests=[row for row in rows if plan.creates(row.request_id)],
+        expires_in={request_id: s for request_id, s in plan.expires_in.items() if s is not None},
+        updated_requests=[row for row in rows if not plan.creates(row.request_id)],
+        entries=[
+            _Entry(
+                kind=draft.kind,
+                request_id=draft.request_id,
+                user_id=draft.user_id,
+                token_id=draft.token_id,
+                channel_id=draft.channel_id,
+                charged=charged,
+                details=draft.details,
+                hash=draft.content_hash(),
+                postings=draft.postings,
+            )
+            for draft, charged in plan.entries
+        ],
+    )
+
+
+def _expected_balances(plan: Plan, snapshot: Snapshot) -> list[_ExpectedBalance]:
+    """The balance premises, checked after the plan's own postings are written: the bounds shift by its change."""
     changes: dict[tuple[str, SubLedger], int] = {}
     for draft, _ in plan.entries:
         for posting in draft.postings:
             key = (posting.account, posting.ledger)
             changes[key] = changes.get(key, 0) + posting.amount
-    entries = [
-        {
-            "kind": str(draft.kind),
-            "request_id": draft.request_id,
-            "user_id": draft.user_id,
-            "token_id": draft.token_id,
-            "channel_id": draft.channel_id,
-            "charged": charged,
-            "details": dict(draft.details),
-            "hash": draft.content_hash().hex(),
-            "postings": [[str(p.ledger), p.account, p.amount] for p in draft.postings],
-        }
-        for draft, charged in plan.entries
+    return [
+        _ExpectedBalance(
+            account=account,
+            ledger=ledger,
+            seen=snapshot.balances[(account, ledger)],
+            seen_at=snapshot.seen_at,
+            low=None if bounds.low is None else bounds.low + changes.get((account, ledger), 0),
+            high=None if bounds.high is None else bounds.high + changes.get((account, ledger), 0),
+        )
+        for (account, ledger), bounds in plan.balance_bounds.items()
     ]
-    return {
-        "lock_users": sorted(plan.lock_users),
-        "expect_requests": [
-            {"request_id": request_id, "status": str(status)} for request_id, status in plan.expect_requests.items()
-        ],
-        "expect_balances": [
-            # Checked after the plan's own postings are written: the bounds shift by the plan's change.
-            {
-                "account": account,
-                "ledger": str(ledger),
-                "seen": snapshot.balances[(account, ledger)],
-                "seen_at": snapshot.seen_at,
-                "low": None if bounds.low is None else bounds.low + changes.get((account, ledger), 0),
-                "high": None if bounds.high is None else bounds.high + changes.get((account, ledger), 0),
-            }
-            for (account, ledger), bounds in plan.balance_bounds.items()
-        ]
-        if with_premises
-        else [],
-        "expect_tokens": [
-            {"token_id": token_id, "unlimited": unlimited} for token_id, unlimited in plan.expect_tokens.items()
-        ]
-        if with_premises
-        else [],
-        "new_requests": new_requests,
-        "updated_requests": updated_requests,
-        "entries": entries,
-    }
 
 
 async def apply(
@@ -354,3 +335,12 @@ async def apply(
     if applied.stale:
         return None
     return {c.request_id: (c.created_at, c.expires_at) for c in applied.created}
+
+
+async def due_holds(conn: Connection, *, limit: int) -> list[str]:
+    """The request ids of open holds past expires_at, the most overdue first (the sweeper's round)."""
+    rows = await conn.fetch(
+        "SELECT request_id FROM requests WHERE status = 'open' AND expires_at <= now() ORDER BY expires_at LIMIT $1",
+        limit,
+    )
+    return [row["request_id"] for row in rows]

@@ -49,38 +49,6 @@ postings = Table(
     Column("amount", BigInteger, nullable=False),
 )
 
-requests = Table(
-    "requests",
-    metadata,
-    Column("request_id", Text, primary_key=True),
-    Column("kind", Text, nullable=False),
-    Column("status", Text, nullable=False),
-    Column("user_id", BigInteger, nullable=False),
-    Column("token_id", BigInteger, nullable=False),
-    Column("token_limited", Boolean, nullable=False),
-    Column("group_name", Text, nullable=False),
-    Column("model", Text, nullable=False),
-    Column("prompt_tokens", BigInteger, nullable=False),
-    Column("max_tokens", BigInteger, nullable=False),
-    Column("amount", BigInteger, nullable=False),
-    Column("trusted", Boolean, nullable=False),
-    Column("model_ratio", Numeric, nullable=False),
-    Column("completion_ratio", Numeric, nullable=False),
-    Column("group_ratio", Numeric, nullable=False),
-    Column("model_price", Numeric),
-    Column("channel_id", BigInteger),
-    Column("settled_prompt_tokens", BigInteger),
-    Column("completion_tokens", BigInteger),
-    Column("charged", BigInteger),
-    Column("late", Boolean, nullable=False),
-    Column("request_fingerprint", LargeBinary, nullable=False),
-    Column("settle_fingerprint", LargeBinary),
-    Column("refund_fingerprint", LargeBinary),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("expires_at", DateTime(timezone=True)),
-    Column("resolved_at", DateTime(timezone=True)),
-)
-
 tokens = Table(
     "tokens",
     metadata,

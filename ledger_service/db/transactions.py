@@ -1,13 +1,16 @@
 """Running a unit of work in one transaction, committed explicitly, retried whole on transient conflicts.
 
 The callable receives a connection inside BEGIN; `run_transaction` commits after it returns, so a failed commit
-raises here, inside the service, and can never reach a client as success.
+raises here, inside the service, and can never reach a client as success. The retry policy (`with_retries` and its
+`Verdict`s) is the one the lifecycle's asyncpg path uses too (services/lifecycle.py): each driver only judges its
+own errors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import enum
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -25,6 +28,9 @@ SERIALIZATION_FAILURE = "40001"
 DEADLOCK_DETECTED = "40P01"
 UNIQUE_VIOLATION = "23505"
 RETRYABLE_SQLSTATES = frozenset({SERIALIZATION_FAILURE, DEADLOCK_DETECTED})
+
+IDEMPOTENCY_CONSTRAINTS = frozenset({"requests_pkey", "entries_reference_key", "entries_reverses_key"})
+"""Unique keys two concurrent first attempts can race for; the loser runs again and finds the winner's row."""
 
 MAX_ATTEMPTS = 10
 DEFAULT_ISOLATION = "READ COMMITTED"
@@ -49,9 +55,10 @@ def sqlstate_of(error: BaseException) -> str | None:
 
 
 def constraint_of(error: BaseException) -> str | None:
-    """The constraint a database error names, if any (asyncpg reports it on the original exception)."""
+    """The constraint a database error names, if any (asyncpg reports it on the error itself, or on the original
+    exception under SQLAlchemy's)."""
     orig = getattr(error, "orig", None)
-    for candidate in (orig, getattr(orig, "__cause__", None)):
+    for candidate in (error, orig, getattr(orig, "__cause__", None)):
         name = getattr(candidate, "constraint_name", None)
         if isinstance(name, str):
             return name
@@ -92,6 +99,70 @@ def after_commit(conn: AsyncConnection, callback: Callable[[], None]) -> None:
     _after_commit.get().append(callback)
 
 
+class Verdict(enum.Enum):
+    """What to do about an error that ended an attempt: the retry policy of both drivers (`with_retries`)."""
+
+    RETRY_NOW = "retry now"
+    """The attempt saw a state that has since moved on (a lost race for an idempotency key, a stale plan): the next
+    attempt finds the new state, so there is nothing to wait for."""
+    RETRY_LATER = "retry later"
+    """It collided with a concurrent transaction (40001, 40P01): again after a jittered backoff."""
+    RECONNECT = "reconnect"
+    """Its connection died: once more on a fresh connection (a pooled one may have died idle in a restart), and
+    unavailable if that fails too. Safe even if the lost statement committed: every write of the ledger is
+    idempotent."""
+    UNAVAILABLE = "unavailable"
+    RAISE = "raise"
+    """Not the database's doing: the error is the answer."""
+
+
+def sqlstate_verdict(state: str | None) -> Verdict:
+    """The verdict on a database error by its SQLSTATE alone."""
+    if state in RETRYABLE_SQLSTATES:
+        return Verdict.RETRY_LATER
+    if is_connection_sqlstate(state):
+        return Verdict.UNAVAILABLE
+    return Verdict.RAISE
+
+
+async def with_retries(
+    attempt: Callable[[], Awaitable[T]], judge: Callable[[Exception], Verdict], *, attempts: int = MAX_ATTEMPTS
+) -> T:
+    """Run `attempt` until it returns, doing what `judge` says of each error; DatabaseBusy after `attempts`."""
+    for number in range(1, attempts + 1):
+        try:
+            return await attempt()
+        except Exception as error:
+            verdict = judge(error)
+            if verdict is Verdict.RAISE:
+                raise
+            if verdict is Verdict.UNAVAILABLE or (verdict is Verdict.RECONNECT and number > 1):
+                raise DatabaseUnavailable(str(getattr(error, "orig", None) or error)) from error
+            if verdict is Verdict.RETRY_LATER:
+                log.info("retrying after %s (attempt %d)", sqlstate_of(error), number)
+                # Jittered backoff so that the transactions that collided do not collide again in lockstep.
+                await asyncio.sleep(random.uniform(0, 0.002 * 2**number))
+    raise DatabaseBusy(f"gave up after {attempts} attempts")
+
+
+def _judge(error: Exception) -> Verdict:
+    """The retry policy's verdict on an error of a SQLAlchemy transaction."""
+    if isinstance(error, RetryTransaction) or is_lost_key_race(error):
+        return Verdict.RETRY_NOW
+    if isinstance(error, DBAPIError):
+        if is_connection_error(error):
+            return Verdict.RECONNECT if error.connection_invalidated else Verdict.UNAVAILABLE
+        return sqlstate_verdict(sqlstate_of(error))
+    if isinstance(error, OSError | ConnectionError | PoolTimeoutError):
+        return Verdict.UNAVAILABLE
+    return Verdict.RAISE
+
+
+def is_lost_key_race(error: BaseException) -> bool:
+    """A unique violation of an idempotency key: a concurrent first attempt took it, and the next finds its row."""
+    return sqlstate_of(error) == UNIQUE_VIOLATION and constraint_of(error) in IDEMPOTENCY_CONSTRAINTS
+
+
 async def run_transaction(
     engine: AsyncEngine,
     work: Callable[[AsyncConnection], Awaitable[T]],
@@ -99,43 +170,25 @@ async def run_transaction(
     isolation_level: str = DEFAULT_ISOLATION,
     attempts: int = MAX_ATTEMPTS,
 ) -> T:
-    """Run `work` in a transaction and commit it; retry the whole of it on 40001, 40P01 or RetryTransaction.
+    """Run `work` in a transaction and commit it, retried whole as `with_retries` and `_judge` say.
 
     Connection failures become DatabaseUnavailable. Any other error rolls back and propagates.
     """
-    for attempt in range(1, attempts + 1):
+
+    async def attempt() -> T:
+        callbacks: list[Callable[[], None]] = []
+        token = _after_commit.set(callbacks)
         try:
-            callbacks: list[Callable[[], None]] = []
-            token = _after_commit.set(callbacks)
-            try:
-                async with engine.connect() as conn:
-                    if isolation_level != DEFAULT_ISOLATION:  # the engine's own level needs no statement
-                        await conn.execution_options(isolation_level=isolation_level)
-                    async with conn.begin():
-                        result = await work(conn)
-            finally:
-                _after_commit.reset(token)
-            # Leaving `begin()` committed; a failing COMMIT raised above and nothing was acknowledged.
-            for callback in callbacks:
-                callback()
-            return result
-        except RetryTransaction as error:
-            if attempt == attempts:
-                raise DatabaseBusy(f"gave up after {attempts} attempts") from error
-        except DBAPIError as error:
-            if is_connection_error(error):
-                # A pooled connection that died while idle (the database restarted): try once on a fresh one.
-                # Safe even if the lost connection had committed: every write of the ledger is idempotent.
-                if error.connection_invalidated and attempt == 1:
-                    continue
-                raise DatabaseUnavailable(str(error.orig)) from error
-            if sqlstate_of(error) not in RETRYABLE_SQLSTATES:
-                raise
-            if attempt == attempts:
-                raise DatabaseBusy(f"gave up after {attempts} attempts: {sqlstate_of(error)}") from error
-            log.info("retrying transaction after %s (attempt %d)", sqlstate_of(error), attempt)
-        except (OSError, ConnectionError, PoolTimeoutError) as error:
-            raise DatabaseUnavailable(str(error)) from error
-        # Jittered backoff so that the transactions that collided do not collide again in lockstep.
-        await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))
-    raise AssertionError("unreachable")
+            async with engine.connect() as conn:
+                if isolation_level != DEFAULT_ISOLATION:  # the engine's own level needs no statement
+                    await conn.execution_options(isolation_level=isolation_level)
+                async with conn.begin():
+                    result = await work(conn)
+        finally:
+            _after_commit.reset(token)
+        # Leaving `begin()` committed; a failing COMMIT raised above and nothing was acknowledged.
+        for callback in callbacks:
+            callback()
+        return result
+
+    return await with_retries(attempt, _judge, attempts=attempts)

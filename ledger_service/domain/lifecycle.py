@@ -15,14 +15,14 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from decimal import Decimal
+from typing import Any
 
 import msgspec
 
 from ledger_service.domain import errors
 from ledger_service.domain.canonical import canonical_ascii_json
 from ledger_service.domain.pricing import Prices
-from ledger_service.schemas import HoldView
 
 
 class RequestStatus(enum.StrEnum):
@@ -37,11 +37,12 @@ class RequestKind(enum.StrEnum):
     CONSUMPTION = "consumption"
 
 
-class RequestRow(NamedTuple):
+class RequestRow(msgspec.Struct, frozen=True, kw_only=True):
     """A hold or consumption as the ledger keeps it: what was asked, what was held, and how it ended.
 
-    A named tuple: immutable like a frozen dataclass, and several times cheaper to build and to copy with a change
-    (`_replace`), which the planner does for every request it creates or moves.
+    The one description of a request row: its fields are the `requests` table's columns, by name (`group` is
+    stored as `group_name`). The lifecycle's read decodes rows straight into it and its apply encodes it, bytes as
+    base64 both ways (db/lifecycle.py); the planner copies it with a change (`msgspec.structs.replace`).
     """
 
     request_id: str
@@ -50,47 +51,35 @@ class RequestRow(NamedTuple):
     user_id: int
     token_id: int
     token_limited: bool
-    group: str
+    group: str = msgspec.field(name="group_name")
     model: str
     prompt_tokens: int
     max_tokens: int
     amount: int
     trusted: bool
-    prices: Prices
-    channel_id: int | None
-    charged: int | None
-    late: bool
-    request_fingerprint: bytes
-    settle_fingerprint: bytes | None
-    refund_fingerprint: bytes | None
-    created_at: datetime
-    expires_at: datetime | None
-    read_at: datetime
-    """The database clock when the row was read: expiry is judged by the database's time, not the host's."""
+    model_ratio: Decimal
+    completion_ratio: Decimal
+    group_ratio: Decimal
+    model_price: Decimal | None
+    channel_id: int | None = None
     settled_prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    charged: int | None = None
+    late: bool = False
+    request_fingerprint: bytes
+    settle_fingerprint: bytes | None = None
+    refund_fingerprint: bytes | None = None
+    created_at: datetime
+    expires_at: datetime | None = None
 
     @property
-    def due(self) -> bool:
-        """Open and past expires_at."""
-        return self.status is RequestStatus.OPEN and self.expires_at is not None and self.read_at >= self.expires_at
+    def prices(self) -> Prices:
+        """The prices the request was created with; its settlement is charged at these."""
+        return Prices(self.model_ratio, self.completion_ratio, self.group_ratio, self.model_price)
 
-    def view(self) -> HoldView:
-        return HoldView(
-            request_id=self.request_id,
-            user_id=self.user_id,
-            token_id=self.token_id,
-            group=self.group,
-            model=self.model,
-            status=self.status.value,
-            amount=self.amount,
-            trusted=self.trusted,
-            charged=self.charged,
-            channel_id=self.channel_id,
-            late=self.late,
-            created_at=self.created_at,
-            expires_at=self.expires_at,
-        )
+    def is_due(self, now: datetime) -> bool:
+        """Open and past expires_at at `now`, the database's clock (expiry is never judged by the host's)."""
+        return self.status is RequestStatus.OPEN and self.expires_at is not None and now >= self.expires_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +150,7 @@ class RefundMode(enum.Enum):
     REPLAY = "replay"
 
 
-def plan_settle(*, status: RequestStatus, due: bool, settled_with: bytes | None, fingerprint: bytes) -> SettleMode:
+def settle_mode(*, status: RequestStatus, due: bool, settled_with: bytes | None, fingerprint: bytes) -> SettleMode:
     if status is RequestStatus.SETTLED:
         if settled_with == fingerprint:
             return SettleMode.REPLAY
@@ -173,7 +162,7 @@ def plan_settle(*, status: RequestStatus, due: bool, settled_with: bytes | None,
     return SettleMode.EXPIRE_THEN_LATE if due else SettleMode.SETTLE_HOLD
 
 
-def plan_refund(*, status: RequestStatus, due: bool, refunded_with: bytes | None, fingerprint: bytes) -> RefundMode:
+def refund_mode(*, status: RequestStatus, due: bool, refunded_with: bytes | None, fingerprint: bytes) -> RefundMode:
     if status is RequestStatus.SETTLED:
         raise errors.HoldAlreadySettled("this hold is settled; it can no longer be refunded")
     if status is RequestStatus.REFUNDED:

@@ -1,4 +1,5 @@
-"""Planning lifecycle operations: decide every hold, settlement, refund and consumption of a call or a batch.
+"""Planning lifecycle operations: decide every hold, settlement, refund, consumption and expiry of a call, a batch
+or a round of the sweeper.
 
 The planner works on a `Snapshot` (what the database said, read in one statement) and produces a `Plan`: the
 requests to create or move, the entries to post, and the premises the decisions rest on (the balances and request
@@ -12,16 +13,20 @@ trace in the plan (a non-atomic batch answers it and goes on).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import enum
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
+
+import msgspec
 
 from ledger_service.domain import accounts, errors
 from ledger_service.domain.accounts import SubLedger
 from ledger_service.domain.entries import (
     EntryDraft,
     EntryKind,
+    Posting,
     direct_charge_postings,
     hold_postings,
     release_postings,
@@ -38,23 +43,22 @@ from ledger_service.domain.lifecycle import (
     check_token,
     decide_hold,
     fingerprint,
-    plan_refund,
-    plan_settle,
+    refund_mode,
+    settle_mode,
+)
+from ledger_service.domain.operations import (
+    Consume,
+    ConsumptionCommand,
+    Expire,
+    Hold,
+    HoldCommand,
+    Operation,
+    Refund,
+    RefundCommand,
+    Settle,
+    SettleCommand,
 )
 from ledger_service.domain.pricing import AmountOutOfRange, Prices
-from ledger_service.schemas import ConsumptionCommand, HoldCommand, RefundCommand, SettleCommand
-
-OperationName = Literal["hold", "settle", "refund", "consume"]
-Command = HoldCommand | SettleCommand | RefundCommand | ConsumptionCommand
-
-
-@dataclass(frozen=True, slots=True)
-class Operation:
-    """One lifecycle call: what it is, the request it is about, and its decoded body."""
-
-    op: OperationName
-    request_id: str
-    command: Command
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,18 @@ class Planned(NamedTuple):
 Result = Planned | errors.LedgerError
 
 
+class Event(enum.Enum):
+    """What a plan did that the metrics count, once the plan is committed."""
+
+    HOLD_OPENED = "hold_opened"
+    HOLD_OPENED_TRUSTED = "hold_opened_trusted"
+    HOLD_SETTLED = "hold_settled"
+    HOLD_SETTLED_LATE = "hold_settled_late"
+    HOLD_REFUNDED = "hold_refunded"
+    HOLD_EXPIRED = "hold_expired"
+    CONSUMED = "consumed"
+
+
 @dataclass(frozen=True, slots=True)
 class Bounds:
     """A closed range of balances; None is unbounded on that side."""
@@ -111,18 +127,20 @@ class Plan:
     decision of the plan to come out the same (the planner works from the value read)."""
     expect_tokens: dict[int, bool] = field(default_factory=dict)
     expect_requests: dict[str, RequestStatus] = field(default_factory=dict)
-    new_requests: dict[str, int | None] = field(default_factory=dict)
-    """request_id -> expires_in seconds, for the requests this plan creates."""
+    expires_in: dict[str, int | None] = field(default_factory=dict)
+    """request_id -> seconds until it expires (None: never), for each request this plan creates."""
     requests: dict[str, RequestRow] = field(default_factory=dict)
     """The final state of every request the plan creates or moves."""
     entries: list[tuple[EntryDraft, int | None]] = field(default_factory=list)
     """Each entry with what it charges (settlements and consumptions)."""
-    events: list[tuple[str, str | None]] = field(default_factory=list)
-    """Counters to move once the plan is committed: (name, label)."""
+    events: list[Event] = field(default_factory=list)
 
     @property
     def writes(self) -> bool:
         return bool(self.entries or self.requests)
+
+    def creates(self, request_id: str) -> bool:
+        return request_id in self.expires_in
 
 
 def _priced(compute: Callable[..., int], **kwargs: int) -> int:
@@ -139,40 +157,38 @@ def charge_of(prices: Prices, command: SettleCommand | ConsumptionCommand) -> in
     return _priced(prices.charge, prompt_tokens=command.prompt_tokens, completion_tokens=command.completion_tokens)
 
 
-def wanted(operations: list[Operation]) -> dict[str, list[Any]]:
-    """What the snapshot for these operations must contain (the read's arguments)."""
-    request_ids: set[str] = set()
-    token_ids: set[int] = set()
-    accounts_wanted: set[tuple[str, str]] = set()
-    models: set[str] = set()
-    groups: set[str] = set()
+@dataclass(slots=True)
+class Wanted:
+    """What a snapshot for some operations must hold, and, for a plan made under locks, what to lock first."""
+
+    request_ids: set[str] = field(default_factory=set)
+    token_ids: set[int] = field(default_factory=set)
+    balances: set[tuple[str, SubLedger]] = field(default_factory=set)
+    models: set[str] = field(default_factory=set)
+    groups: set[str] = field(default_factory=set)
+    lock_users: set[int] = field(default_factory=set)
+    """The users whose balances or tokens the operations decide on (holds, consumptions)."""
+    lock_requests: set[str] = field(default_factory=set)
+    """The requests the operations may move (settle, refund, expire)."""
+
+
+def wanted(operations: Sequence[Operation]) -> Wanted:
+    """What the planner will ask of the snapshot for these operations."""
+    want = Wanted()
     for operation in operations:
-        request_ids.add(operation.request_id)
-        command = operation.command
-        if isinstance(command, HoldCommand | ConsumptionCommand):
-            token_ids.add(command.token_id)
-            models.add(command.model)
-            groups.add(command.group)
-        if isinstance(command, HoldCommand):
-            accounts_wanted.add((accounts.user(command.user_id), str(SubLedger.QUOTA)))
-            accounts_wanted.add((accounts.token(command.token_id), str(SubLedger.ALLOWANCE)))
-    return {
-        "request_ids": sorted(request_ids),
-        "token_ids": sorted(token_ids),
-        "accounts": [{"account": account, "ledger": ledger} for account, ledger in sorted(accounts_wanted)],
-        "models": sorted(models),
-        "groups": sorted(groups),
-    }
-
-
-def lock_targets(operations: list[Operation]) -> tuple[list[int], list[str]]:
-    """The users whose balances or tokens the operations decide on (holds, consumptions), and the requests they may
-    move (settle, refund)."""
-    users = sorted(
-        {op.command.user_id for op in operations if isinstance(op.command, HoldCommand | ConsumptionCommand)}
-    )
-    moved = sorted({op.request_id for op in operations if op.op in ("settle", "refund")})
-    return users, moved
+        want.request_ids.add(operation.request_id)
+        if isinstance(operation, Hold | Consume):
+            command = operation.command
+            want.token_ids.add(command.token_id)
+            want.models.add(command.model)
+            want.groups.add(command.group)
+            want.lock_users.add(command.user_id)
+            if isinstance(command, HoldCommand):
+                want.balances.add((accounts.user(command.user_id), SubLedger.QUOTA))
+                want.balances.add((accounts.token(command.token_id), SubLedger.ALLOWANCE))
+        else:
+            want.lock_requests.add(operation.request_id)
+    return want
 
 
 class Planner:
@@ -186,7 +202,7 @@ class Planner:
         self.plan = Plan()
         self._balances = dict(snapshot.balances)
 
-    def plan_all(self, operations: list[Operation], *, atomic: bool) -> Plan:
+    def plan_all(self, operations: Sequence[Operation], *, atomic: bool) -> Plan:
         """Plan every operation; an atomic plan stops at the first refusal and plans no write at all."""
         for operation in operations:
             try:
@@ -198,14 +214,17 @@ class Planner:
         return self.plan
 
     def plan_one(self, operation: Operation) -> Planned:
-        command = operation.command
-        if isinstance(command, HoldCommand):
-            return self._hold(command)
-        if isinstance(command, SettleCommand):
-            return self._settle(operation.request_id, command)
-        if isinstance(command, RefundCommand):
-            return self._refund(operation.request_id, command)
-        return self._consume(command)
+        match operation:
+            case Hold(command):
+                return self._hold(command)
+            case Settle(request_id, command):
+                return self._settle(request_id, command)
+            case Refund(request_id, command):
+                return self._refund(request_id, command)
+            case Consume(command):
+                return self._consume(command)
+            case Expire(request_id):
+                return self._expire_if_due(request_id)
 
     # What the plan has seen and done so far ----------------------------------------------------------------------
 
@@ -261,7 +280,25 @@ class Planner:
         else:
             self._require(allowance, SubLedger.ALLOWANCE, at_most=threshold)
 
-    def _post(self, draft: EntryDraft, charged: int | None = None) -> None:
+    def _post(
+        self,
+        row: RequestRow,
+        kind: EntryKind,
+        postings: tuple[Posting, ...],
+        details: dict[str, Any],
+        *,
+        charged: int | None = None,
+    ) -> None:
+        """Post an entry about `row` (its request, user, token and channel) and follow its postings."""
+        draft = EntryDraft(
+            kind=kind,
+            postings=postings,
+            request_id=row.request_id,
+            user_id=row.user_id,
+            token_id=row.token_id,
+            channel_id=row.channel_id,
+            details=details,
+        )
         self.plan.entries.append((draft, charged))
         for posting in draft.postings:
             key = (posting.account, posting.ledger)
@@ -270,53 +307,74 @@ class Planner:
 
     def _move(self, row: RequestRow, **changes: Any) -> RequestRow:
         """Record a lifecycle step of a request; a request that existed before the plan becomes a premise."""
-        if row.request_id not in self.plan.new_requests and row.request_id not in self.plan.expect_requests:
+        if not self.plan.creates(row.request_id) and row.request_id not in self.plan.expect_requests:
             self.plan.expect_requests[row.request_id] = row.status
-        moved = row._replace(**changes)
+        moved = msgspec.structs.replace(row, **changes)
         self.plan.requests[row.request_id] = moved
         return moved
 
     def _create(
         self,
         command: HoldCommand | ConsumptionCommand,
-        kind: RequestKind,
         token: TokenState,
         prices: Prices,
-        digest: bytes,
         *,
         expires_in: int | None,
-        channel_id: int | None = None,
-        charged: int | None = None,
         **fields: Any,
     ) -> RequestRow:
-        """Record a request this plan creates (a hold, or a consumption created settled), with its other `fields`."""
+        """Record a request this plan creates (a hold, or a consumption created settled), with its other `fields`.
+
+        Its user's lock is taken, and the token's kind (which decides the postings) becomes a premise."""
+        self.plan.lock_users.add(command.user_id)
+        self.plan.expect_tokens[command.token_id] = token.unlimited
         row = RequestRow(
             request_id=command.request_id,
-            kind=kind,
             user_id=command.user_id,
             token_id=command.token_id,
             token_limited=token.limited,
             group=command.group,
             model=command.model,
             prompt_tokens=command.prompt_tokens,
-            prices=prices,
-            request_fingerprint=digest,
+            model_ratio=prices.model_ratio,
+            completion_ratio=prices.completion_ratio,
+            group_ratio=prices.group_ratio,
+            model_price=prices.model_price,
             created_at=self.snapshot.now,  # until the database gives the real times (services/lifecycle.py)
-            expires_at=None,
-            read_at=self.snapshot.now,
-            channel_id=channel_id,
-            charged=charged,
-            late=False,
-            settle_fingerprint=None,
-            refund_fingerprint=None,
             **fields,
         )
-        self.plan.new_requests[command.request_id] = expires_in
+        self.plan.expires_in[command.request_id] = expires_in
         self.plan.requests[command.request_id] = row
         return row
 
     def _due(self, row: RequestRow) -> bool:
-        return row.request_id not in self.plan.new_requests and row.due
+        return not self.plan.creates(row.request_id) and row.is_due(self.snapshot.now)
+
+    def _existing_hold(self, request_id: str) -> RequestRow:
+        row = self._request(request_id)
+        if row is None:
+            raise errors.HoldNotFound(f"no hold with request_id {request_id!r}")
+        if row.kind is RequestKind.CONSUMPTION:
+            raise errors.HoldAlreadySettled(f"{request_id!r} is a consumption: it was charged when recorded")
+        return row
+
+    def _expire(self, row: RequestRow) -> RequestRow:
+        """The one way a hold expires: whatever it holds goes back (entry kind `expire`; nothing for a trusted
+        hold), and it is expired."""
+        self._release(row, EntryKind.EXPIRE, {"reason": "expired"})
+        self.plan.events.append(Event.HOLD_EXPIRED)
+        return self._move(row, status=RequestStatus.EXPIRED)
+
+    def _release(self, row: RequestRow, kind: EntryKind, details: dict[str, Any]) -> None:
+        """Post the refund or expiry of whatever the hold holds (nothing for a trusted hold)."""
+        if row.amount:
+            postings = release_postings(
+                request_id=row.request_id,
+                user_id=row.user_id,
+                token_id=row.token_id,
+                held=row.amount,
+                limited=row.token_limited,
+            )
+            self._post(row, kind, postings, {"held": row.amount, **{k: v for k, v in details.items() if v is not None}})
 
     # The operations ------------------------------------------------------------------------------------------
 
@@ -329,87 +387,74 @@ class Planner:
             self._token(command.token_id, with_remaining=True), token_id=command.token_id, user_id=command.user_id
         )
         prices = self.snapshot.prices(command.model, command.group)
-        estimate = (
-            command.amount
-            if command.amount is not None
-            else _priced(
+        estimate = command.amount
+        if estimate is None:
+            estimate = _priced(
                 prices.estimate,
                 pre_consumed=self.pre_consumed_quota,
                 prompt_tokens=command.prompt_tokens,
                 max_tokens=command.max_tokens,
             )
-        )
         available = self._balance(accounts.user(command.user_id), SubLedger.QUOTA)
         decision = decide_hold(available=available, token=token, estimate=estimate, trust_factor=self.trust_factor)
         # Decided: from here on the plan changes.
         self._hold_premises(command, token, available, estimate, decision.trusted)
-        self.plan.lock_users.add(command.user_id)
-        self.plan.expect_tokens[command.token_id] = token.unlimited
         row = self._create(
             command,
-            RequestKind.HOLD,
             token,
             prices,
-            digest,
             expires_in=command.expires_in or self.hold_ttl,
+            kind=RequestKind.HOLD,
             status=RequestStatus.OPEN,
             max_tokens=command.max_tokens,
             amount=decision.amount,
             trusted=decision.trusted,
+            request_fingerprint=digest,
         )
-        self.plan.events.append(("holds_opened", "true" if decision.trusted else "false"))
+        self.plan.events.append(Event.HOLD_OPENED_TRUSTED if decision.trusted else Event.HOLD_OPENED)
         if decision.amount:
-            details = {
-                "model": command.model,
-                "group": command.group,
-                "prompt_tokens": command.prompt_tokens,
-                "max_tokens": command.max_tokens,
-                "pre_consumed_quota": self.pre_consumed_quota,
-                "estimate": estimate,
-                "explicit_amount": command.amount is not None,
-                **prices.as_details(),
-            }
-            self._post(
-                EntryDraft(
-                    kind=EntryKind.HOLD,
-                    postings=hold_postings(
-                        request_id=command.request_id,
-                        user_id=command.user_id,
-                        token_id=command.token_id,
-                        amount=decision.amount,
-                        limited=token.limited,
-                    ),
-                    request_id=command.request_id,
-                    user_id=command.user_id,
-                    token_id=command.token_id,
-                    details=details,
-                )
+            postings = hold_postings(
+                request_id=row.request_id,
+                user_id=row.user_id,
+                token_id=row.token_id,
+                amount=decision.amount,
+                limited=token.limited,
             )
+            details = _usage_details(
+                row,
+                prompt_tokens=command.prompt_tokens,
+                max_tokens=command.max_tokens,
+                pre_consumed_quota=self.pre_consumed_quota,
+                estimate=estimate,
+                explicit_amount=command.amount is not None,
+            )
+            self._post(row, EntryKind.HOLD, postings, details)
         return Planned(row, created=True)
-
-    def _existing_hold(self, request_id: str) -> RequestRow:
-        row = self._request(request_id)
-        if row is None:
-            raise errors.HoldNotFound(f"no hold with request_id {request_id!r}")
-        if row.kind is RequestKind.CONSUMPTION:
-            raise errors.HoldAlreadySettled(f"{request_id!r} is a consumption: it was charged when recorded")
-        return row
 
     def _settle(self, request_id: str, command: SettleCommand) -> Planned:
         digest = fingerprint("settle", body_of(command))
         row = self._existing_hold(request_id)
-        mode = plan_settle(
+        mode = settle_mode(
             status=row.status, due=self._due(row), settled_with=row.settle_fingerprint, fingerprint=digest
         )
         if mode is SettleMode.REPLAY:
             return Planned(row, created=False, replayed=True)
         charge = charge_of(row.prices, command)
         if mode is SettleMode.EXPIRE_THEN_LATE:
-            self._release(row, EntryKind.EXPIRE, {"reason": "expired"})
-            self.plan.events.append(("holds_expired", None))
+            row = self._expire(row)
         late = mode is not SettleMode.SETTLE_HOLD
-        self.plan.events.append(("holds_settled", "true" if late else "false"))
         held = 0 if late else row.amount
+        settled = self._move(
+            row,
+            status=RequestStatus.SETTLED,
+            channel_id=command.channel_id,
+            settled_prompt_tokens=command.prompt_tokens,
+            completion_tokens=command.completion_tokens,
+            charged=charge,
+            late=late,
+            settle_fingerprint=digest,
+        )
+        self.plan.events.append(Event.HOLD_SETTLED_LATE if late else Event.HOLD_SETTLED)
         if held:
             postings = settle_postings(
                 request_id=row.request_id,
@@ -421,52 +466,15 @@ class Planner:
                 limited=row.token_limited,
             )
         else:
-            postings = direct_charge_postings(
-                user_id=row.user_id,
-                token_id=row.token_id,
-                channel_id=command.channel_id,
-                charge=charge,
-                limited=row.token_limited,
-            )
-        details = {
-            "model": row.model,
-            "group": row.group,
-            "prompt_tokens": command.prompt_tokens,
-            "completion_tokens": command.completion_tokens,
-            "held": held,
-            "charged": charge,
-            "explicit_quota": command.quota is not None,
-            "late": late,
-            **row.prices.as_details(),
-        }
-        self._post(
-            EntryDraft(
-                kind=EntryKind.SETTLE,
-                postings=postings,
-                request_id=row.request_id,
-                user_id=row.user_id,
-                token_id=row.token_id,
-                channel_id=command.channel_id,
-                details=details,
-            ),
-            charge,
-        )
-        settled = self._move(
-            row,
-            status=RequestStatus.SETTLED,
-            channel_id=command.channel_id,
-            settled_prompt_tokens=command.prompt_tokens,
-            completion_tokens=command.completion_tokens,
-            charged=charge,
-            late=late,
-            settle_fingerprint=digest,
-        )
+            postings = _direct_charge(settled, charge)
+        details = _usage_details(settled, held=held, late=late, **_charge_details(command, charge))
+        self._post(settled, EntryKind.SETTLE, postings, details, charged=charge)
         return Planned(settled, created=False)
 
     def _refund(self, request_id: str, command: RefundCommand) -> Planned:
         digest = fingerprint("refund", body_of(command))
         row = self._existing_hold(request_id)
-        mode = plan_refund(
+        mode = refund_mode(
             status=row.status, due=self._due(row), refunded_with=row.refund_fingerprint, fingerprint=digest
         )
         if mode is RefundMode.REPLAY:
@@ -474,18 +482,17 @@ class Planner:
         if mode is RefundMode.UNCHANGED:
             return Planned(row, created=False)
         if mode is RefundMode.EXPIRE:
-            self._release(row, EntryKind.EXPIRE, {"reason": "expired"})
-            self.plan.events.append(("holds_expired", None))
-            return Planned(self._move(row, status=RequestStatus.EXPIRED), created=False)
+            return Planned(self._expire(row), created=False)
         self._release(row, EntryKind.REFUND, {"reason": command.reason})
-        self.plan.events.append(("holds_refunded", None))
+        self.plan.events.append(Event.HOLD_REFUNDED)
         return Planned(self._move(row, status=RequestStatus.REFUNDED, refund_fingerprint=digest), created=False)
 
-    def _release(self, row: RequestRow, kind: EntryKind, details: dict[str, Any]) -> None:
-        """Post the refund or expiry of whatever the hold holds (nothing for a trusted hold)."""
-        if not row.amount:
-            return
-        self._post(release_draft(row, kind, details))
+    def _expire_if_due(self, request_id: str) -> Planned:
+        """The sweeper's expiry: a hold still open and due expires; any other request is answered as it is."""
+        row = self._existing_hold(request_id)
+        if not self._due(row):
+            return Planned(row, created=False)
+        return Planned(self._expire(row), created=False)
 
     def _consume(self, command: ConsumptionCommand) -> Planned:
         digest = fingerprint("consumption", body_of(command))
@@ -497,70 +504,53 @@ class Planner:
         )
         prices = self.snapshot.prices(command.model, command.group)
         charge = charge_of(prices, command)
-        # The token's kind decides the postings: check it under the user's lock, which token changes take too.
-        self.plan.lock_users.add(command.user_id)
-        self.plan.expect_tokens[command.token_id] = token.unlimited
         row = self._create(
             command,
-            RequestKind.CONSUMPTION,
             token,
             prices,
-            digest,
             expires_in=None,
+            kind=RequestKind.CONSUMPTION,
             status=RequestStatus.SETTLED,
             max_tokens=0,
             amount=0,
             trusted=False,
+            request_fingerprint=digest,
             channel_id=command.channel_id,
             charged=charge,
             settled_prompt_tokens=command.prompt_tokens,
             completion_tokens=command.completion_tokens,
         )
-        self._post(
-            EntryDraft(
-                kind=EntryKind.CONSUME,
-                postings=direct_charge_postings(
-                    user_id=command.user_id,
-                    token_id=command.token_id,
-                    channel_id=command.channel_id,
-                    charge=charge,
-                    limited=token.limited,
-                ),
-                request_id=command.request_id,
-                user_id=command.user_id,
-                token_id=command.token_id,
-                channel_id=command.channel_id,
-                details={
-                    "model": command.model,
-                    "group": command.group,
-                    "prompt_tokens": command.prompt_tokens,
-                    "completion_tokens": command.completion_tokens,
-                    "charged": charge,
-                    "explicit_quota": command.quota is not None,
-                    **prices.as_details(),
-                },
-            ),
-            charge,
-        )
-        self.plan.events.append(("consumptions", None))
+        details = _usage_details(row, **_charge_details(command, charge))
+        self._post(row, EntryKind.CONSUME, _direct_charge(row, charge), details, charged=charge)
+        self.plan.events.append(Event.CONSUMED)
         return Planned(row, created=True)
 
 
-def release_draft(row: RequestRow, kind: EntryKind, details: dict[str, Any]) -> EntryDraft:
-    """The refund or expiry entry of a hold that holds something: everything held goes back."""
-    return EntryDraft(
-        kind=kind,
-        postings=release_postings(
-            request_id=row.request_id,
-            user_id=row.user_id,
-            token_id=row.token_id,
-            held=row.amount,
-            limited=row.token_limited,
-        ),
-        request_id=row.request_id,
+def _usage_details(row: RequestRow, **usage: Any) -> dict[str, Any]:
+    """What a hold, settlement or consumption entry records of its call: model and group, the `usage` the caller
+    names, and the prices."""
+    return {"model": row.model, "group": row.group, **usage, **row.prices.as_details()}
+
+
+def _charge_details(command: SettleCommand | ConsumptionCommand, charge: int) -> dict[str, Any]:
+    """What a charge records: the tokens it was reported with, what it charged, and whether the relay named it."""
+    return {
+        "prompt_tokens": command.prompt_tokens,
+        "completion_tokens": command.completion_tokens,
+        "charged": charge,
+        "explicit_quota": command.quota is not None,
+    }
+
+
+def _direct_charge(row: RequestRow, charge: int) -> tuple[Posting, ...]:
+    """The postings of a charge with nothing held: a consumption, or a late settlement (to `row`'s channel)."""
+    assert row.channel_id is not None
+    return direct_charge_postings(
         user_id=row.user_id,
         token_id=row.token_id,
-        details={"held": row.amount, **{k: v for k, v in details.items() if v is not None}},
+        channel_id=row.channel_id,
+        charge=charge,
+        limited=row.token_limited,
     )
 
 

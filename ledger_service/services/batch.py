@@ -21,7 +21,8 @@ from typing import Any
 import msgspec
 
 from ledger_service.domain import errors
-from ledger_service.domain.planning import Operation, Planned
+from ledger_service.domain.operations import CREATES_A_REQUEST, Consume, Hold, Operation, Refund, Settle
+from ledger_service.domain.planning import Planned
 from ledger_service.schemas import (
     BatchCommand,
     BatchOperation,
@@ -33,7 +34,21 @@ from ledger_service.schemas import (
     RefundCommand,
     SettleCommand,
 )
-from ledger_service.services.ledger import LedgerService
+from ledger_service.services.lifecycle import LifecycleService, hold_view
+
+
+def _decoded(operation: BatchOperation) -> Operation:
+    """A batch operation as the single call would have received it."""
+    body = dict(operation.body)
+    if operation.op in ("hold", "consume"):
+        if body.setdefault("request_id", operation.request_id) != operation.request_id:
+            raise errors.ValidationFailed("body.request_id differs from the operation's request_id")
+        if operation.op == "hold":
+            return Hold(msgspec.convert(body, HoldCommand, strict=True))
+        return Consume(msgspec.convert(body, ConsumptionCommand, strict=True))
+    if operation.op == "settle":
+        return Settle(operation.request_id, msgspec.convert(body, SettleCommand, strict=True))
+    return Refund(operation.request_id, msgspec.convert(body, RefundCommand, strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,33 +75,19 @@ def _refused(error: errors.LedgerError) -> BatchResultView:
     return BatchResultView(status=error.status, body=problem_body(error))
 
 
-def _answered(planned: Planned, created_status: int) -> BatchResultView:
-    status = created_status if planned.created else 200
-    return BatchResultView(status=status, body=msgspec.to_builtins(planned.row.view()))
+def _answered(planned: Planned, operation: Operation) -> BatchResultView:
+    status = 201 if planned.created and isinstance(operation, CREATES_A_REQUEST) else 200
+    return BatchResultView(status=status, body=msgspec.to_builtins(hold_view(planned.row)))
 
 
 class BatchService:
-    def __init__(self, ledger: LedgerService) -> None:
-        self.ledger = ledger
+    def __init__(self, lifecycle: LifecycleService) -> None:
+        self.lifecycle = lifecycle
 
     @staticmethod
     def _prepare(operation: BatchOperation) -> _Prepared:
-        body = dict(operation.body)
         try:
-            command: HoldCommand | ConsumptionCommand | SettleCommand | RefundCommand
-            if operation.op in ("hold", "consume"):
-                if body.setdefault("request_id", operation.request_id) != operation.request_id:
-                    raise errors.ValidationFailed("body.request_id differs from the operation's request_id")
-                if operation.op == "hold":
-                    command = msgspec.convert(body, HoldCommand, strict=True)
-                    return _Prepared(operation, Operation("hold", operation.request_id, command))
-                command = msgspec.convert(body, ConsumptionCommand, strict=True)
-                return _Prepared(operation, Operation("consume", operation.request_id, command))
-            if operation.op == "settle":
-                command = msgspec.convert(body, SettleCommand, strict=True)
-                return _Prepared(operation, Operation("settle", operation.request_id, command))
-            command = msgspec.convert(body, RefundCommand, strict=True)
-            return _Prepared(operation, Operation("refund", operation.request_id, command))
+            return _Prepared(operation, _decoded(operation))
         except msgspec.ValidationError as error:
             return _Prepared(operation, None, refusal=errors.ValidationFailed(f"body: {error}"))
         except errors.LedgerError as error:
@@ -99,10 +100,7 @@ class BatchService:
             if first_refusal is not None:
                 return BatchView(results=self._aborted(prepared, first_refusal, prepared[first_refusal].refusal))
         runnable = [p.run for p in prepared if p.run is not None]
-        lifecycle = self.ledger.lifecycle
-        if lifecycle is None:
-            raise RuntimeError("this LedgerService was built without a lifecycle pool")
-        outcomes = iter(await lifecycle.run(runnable, atomic=command.atomic) if runnable else [])
+        outcomes = iter(await self.lifecycle.run(runnable, atomic=command.atomic) if runnable else [])
         results: list[BatchResultView] = []
         for index, item in enumerate(prepared):
             if item.refusal is not None:
@@ -116,7 +114,8 @@ class BatchService:
                     return BatchView(results=self._aborted(prepared, index, outcome))
                 results.append(_refused(outcome))
                 continue
-            results.append(_answered(outcome, 201 if item.operation.op in ("hold", "consume") else 200))
+            assert item.run is not None
+            results.append(_answered(outcome, item.run))
         return BatchView(results=results)
 
     @staticmethod

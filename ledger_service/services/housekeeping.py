@@ -1,7 +1,7 @@
 """Background work each service process runs: refreshing snapshots and expiring overdue holds.
 
 Both are safe to run in every process at once: the snapshotter takes a lock and skips its turn when another
-process holds it; the sweeper locks the holds it expires with SKIP LOCKED.
+process holds it; the sweeper expires holds through the lifecycle, whose apply lets each hold expire once.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ledger_service.db import requests, snapshots
 from ledger_service.db.snapshots import SnapshotRun
 from ledger_service.db.transactions import run_transaction
 from ledger_service.services.audit import AuditService
-from ledger_service.services.ledger import LedgerService
+from ledger_service.services.lifecycle import LifecycleService
 from ledger_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,11 @@ async def _every(seconds: float, name: str, job: Callable[[], Awaitable[object]]
 class Housekeeping:
     """Starts and stops the periodic jobs of one process."""
 
-    def __init__(self, engine: AsyncEngine, ledger: LedgerService, audit: AuditService, settings: Settings) -> None:
+    def __init__(
+        self, engine: AsyncEngine, lifecycle: LifecycleService, audit: AuditService, settings: Settings
+    ) -> None:
         self.engine = engine
-        self.ledger = ledger
+        self.lifecycle = lifecycle
         self.audit = audit
         self.settings = settings
         self._tasks: list[asyncio.Task[None]] = []
@@ -67,7 +69,7 @@ class Housekeeping:
 
     async def sweep(self) -> None:
         """One round of the sweeper: expire what is due, then report how far behind the most overdue hold is."""
-        await self.ledger.expire_due_holds()
+        await self.lifecycle.expire_due_holds()
         metrics.SWEEPER_LAG.set(await run_transaction(self.engine, requests.overdue_seconds))
 
     def start(self) -> None:

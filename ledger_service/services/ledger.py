@@ -12,22 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ledger_service import metrics
 from ledger_service.db import journal, locks, requests, tokens
-from ledger_service.db.transactions import (
-    UNIQUE_VIOLATION,
-    RetryTransaction,
-    after_commit,
-    constraint_of,
-    run_transaction,
-    sqlstate_of,
-)
+from ledger_service.db.transactions import run_transaction
 from ledger_service.domain import accounts, errors
 from ledger_service.domain.accounts import SubLedger
 from ledger_service.domain.audit import check_reversible
@@ -39,9 +30,9 @@ from ledger_service.domain.entries import (
     funding_postings,
     reversal_postings,
 )
-from ledger_service.domain.lifecycle import RequestRow, RequestStatus, TokenState, body_of, fingerprint
-from ledger_service.domain.planning import Operation, release_draft
-from ledger_service.domain.pricing import MAX_AMOUNT, Prices
+from ledger_service.domain.lifecycle import TokenState, body_of, fingerprint
+from ledger_service.domain.operations import Consume, Hold, Operation, Refund, Settle
+from ledger_service.domain.pricing import MAX_AMOUNT
 from ledger_service.schemas import (
     AdjustmentCommand,
     ChannelView,
@@ -59,15 +50,10 @@ from ledger_service.schemas import (
     TopupCommand,
     UserView,
 )
+from ledger_service.services.lifecycle import LifecycleService, hold_view
 from ledger_service.settings import Settings
 
-if TYPE_CHECKING:
-    from ledger_service.services.lifecycle import LifecycleService
-
 T = TypeVar("T")
-
-IDEMPOTENCY_CONSTRAINTS = frozenset({"requests_pkey", "entries_reference_key", "entries_reverses_key"})
-"""Unique keys two concurrent first attempts can race for; the loser re-runs and finds the winner's row."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,24 +66,11 @@ class Outcome(Generic[T]):
 
 
 class LedgerService:
-    def __init__(self, engine: AsyncEngine, settings: Settings, lifecycle: LifecycleService | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, settings: Settings, lifecycle: LifecycleService) -> None:
         self.engine = engine
         self.settings = settings
         self.lifecycle = lifecycle
         """Runs holds, settlements, refunds and consumptions (services/lifecycle.py)."""
-
-    async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """Run a write in one transaction; a lost race for an idempotency key re-runs it to find the winner."""
-
-        async def guarded(conn: AsyncConnection) -> T:
-            try:
-                return await work(conn)
-            except IntegrityError as error:
-                if sqlstate_of(error) == UNIQUE_VIOLATION and constraint_of(error) in IDEMPOTENCY_CONSTRAINTS:
-                    raise RetryTransaction from error
-                raise
-
-        return await run_transaction(self.engine, guarded)
 
     # Funding ---------------------------------------------------------------------------------------------------
 
@@ -111,13 +84,10 @@ class LedgerService:
         digest = fingerprint(str(kind), body_of(command))
 
         async def work(conn: AsyncConnection) -> Outcome[FundingView]:
-            existing = await journal.entry_by_reference(conn, command.reference)
-            if existing is not None:
-                entry, stored_digest = existing
-                if stored_digest != digest:
-                    raise errors.IdempotencyConflict(f"reference {command.reference!r} was used for another request")
+            earlier = await _replayed_by_reference(conn, command.reference, digest)
+            if earlier is not None:
                 user = await self._user(conn, command.user_id)
-                return Outcome(FundingView(entry=entry, user=user), created=False, replayed=True)
+                return Outcome(FundingView(entry=earlier, user=user), created=False, replayed=True)
             details: dict[str, Any] = {"amount": command.amount}
             if command.note is not None:
                 details["note"] = command.note
@@ -133,7 +103,7 @@ class LedgerService:
             assert entry_view is not None
             return Outcome(FundingView(entry=entry_view, user=await self._user(conn, command.user_id)))
 
-        return await self._transaction(work)
+        return await run_transaction(self.engine, work)
 
     # Tokens ----------------------------------------------------------------------------------------------------
 
@@ -165,45 +135,40 @@ class LedgerService:
             assert view is not None
             return Outcome(view, created=existing is None)
 
-        return await self._transaction(work)
+        return await run_transaction(self.engine, work)
 
     # The request lifecycle -------------------------------------------------------------------------------------
 
     async def open_hold(self, command: HoldCommand) -> Outcome[HoldView]:
         """Reserve the estimate from the user's quota (and a limited token's allowance), or refuse."""
-        return await self._lifecycle(Operation("hold", command.request_id, command))
+        return await self._lifecycle(Hold(command))
 
     async def settle(self, request_id: str, command: SettleCommand) -> Outcome[HoldView]:
         """Charge the real cost: release the hold, credit the channel, give back (or take) the difference."""
-        return await self._lifecycle(Operation("settle", request_id, command))
+        return await self._lifecycle(Settle(request_id, command))
 
     async def refund(self, request_id: str, command: RefundCommand) -> Outcome[HoldView]:
         """Give the hold back after a failed upstream call."""
-        return await self._lifecycle(Operation("refund", request_id, command))
+        return await self._lifecycle(Refund(request_id, command))
 
     async def consume(self, command: ConsumptionCommand) -> Outcome[HoldView]:
         """Charge a call that had no hold (post-paid calls, images). No balance check: the usage happened."""
-        return await self._lifecycle(Operation("consume", command.request_id, command))
+        return await self._lifecycle(Consume(command))
 
     async def _lifecycle(self, operation: Operation) -> Outcome[HoldView]:
-        if self.lifecycle is None:
-            raise RuntimeError("this LedgerService was built without a lifecycle pool")
         result = await self.lifecycle.run_one(operation)
         if isinstance(result, errors.LedgerError):
             raise result
-        return Outcome(result.row.view(), created=result.created, replayed=result.replayed)
+        return Outcome(hold_view(result.row), created=result.created, replayed=result.replayed)
 
     async def reverse(self, entry_id: int, command: ReverseCommand) -> Outcome[EntryView]:
         """Post the exact opposite of an entry (at most once, idempotent by reference)."""
         digest = fingerprint("reversal", {"entry_id": entry_id, **body_of(command)})
 
         async def work(conn: AsyncConnection) -> Outcome[EntryView]:
-            existing = await journal.entry_by_reference(conn, command.reference)
-            if existing is not None:
-                entry, stored_digest = existing
-                if stored_digest != digest:
-                    raise errors.IdempotencyConflict(f"reference {command.reference!r} was used for another request")
-                return Outcome(entry, created=False, replayed=True)
+            earlier = await _replayed_by_reference(conn, command.reference, digest)
+            if earlier is not None:
+                return Outcome(earlier, created=False, replayed=True)
             original = await journal.get_entry(conn, entry_id)
             if original is None:
                 raise errors.EntryNotFound(f"no entry with id {entry_id}")
@@ -240,35 +205,7 @@ class LedgerService:
             assert created is not None
             return Outcome(created)
 
-        return await self._transaction(work)
-
-    async def expire_due_holds(self, *, batch: int = 200) -> int:
-        """Expire (refund, entry kind `expire`) open holds past expires_at; returns how many were expired.
-
-        Rows are locked with SKIP LOCKED, so several processes share the work and never expire a hold twice; a
-        hold being settled or refunded at this moment is skipped and resolved by that call instead.
-        """
-
-        async def work(conn: AsyncConnection) -> int:
-            due = await requests.lock_due_holds(conn, limit=batch)
-            for row in due:
-                await self._release(conn, row, EntryKind.EXPIRE, {"reason": "expired"})
-                await requests.resolve(conn, row.request_id, status=RequestStatus.EXPIRED.value)
-            if due:
-                after_commit(conn, lambda: metrics.HOLDS_EXPIRED.inc(len(due)))
-            return len(due)
-
-        total = 0
-        while True:
-            expired: int = await self._transaction(work)
-            total += expired
-            if expired < batch:
-                return total
-
-    async def _release(self, conn: AsyncConnection, row: RequestRow, kind: EntryKind, details: dict[str, Any]) -> None:
-        """Post the refund or expiry of whatever the hold holds (nothing for a trusted hold)."""
-        if row.amount:
-            await journal.insert_entry(conn, release_draft(row, kind, details))
+        return await run_transaction(self.engine, work)
 
     # Reads -----------------------------------------------------------------------------------------------------
 
@@ -278,7 +215,7 @@ class LedgerService:
             if row is None:
                 raise errors.HoldNotFound(f"no hold with request_id {request_id!r}")
             entries = await journal.entries_of_request(conn, request_id)
-            return HoldDetailView(**msgspec.structs.asdict(row.view()), entries=entries)
+            return HoldDetailView(**msgspec.structs.asdict(hold_view(row)), entries=entries)
 
         return await self._read(work)
 
@@ -343,4 +280,12 @@ class LedgerService:
         )
 
 
-__all__ = ["LedgerService", "Outcome", "Prices"]
+async def _replayed_by_reference(conn: AsyncConnection, reference: str, digest: bytes) -> EntryView | None:
+    """The entry an earlier call with this idempotency reference posted, if the same call; a conflict if another."""
+    existing = await journal.entry_by_reference(conn, reference)
+    if existing is None:
+        return None
+    entry, stored_digest = existing
+    if stored_digest != digest:
+        raise errors.IdempotencyConflict(f"reference {reference!r} was used for another request")
+    return entry

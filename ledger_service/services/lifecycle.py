@@ -12,25 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 import asyncpg
+import msgspec
 
 from ledger_service import metrics
 from ledger_service.db import lifecycle as lifecycle_db
 from ledger_service.db.transactions import (
-    MAX_ATTEMPTS,
-    RETRYABLE_SQLSTATES,
-    UNIQUE_VIOLATION,
-    DatabaseBusy,
-    DatabaseUnavailable,
+    Verdict,
     is_connection_sqlstate,
+    is_lost_key_race,
+    sqlstate_verdict,
+    with_retries,
 )
-from ledger_service.domain.planning import Operation, Plan, Planned, Planner, Result
-from ledger_service.services.ledger import IDEMPOTENCY_CONSTRAINTS
+from ledger_service.domain.lifecycle import RequestRow
+from ledger_service.domain.operations import Expire, Operation
+from ledger_service.domain.planning import Event, Plan, Planned, Planner, Result
+from ledger_service.schemas import HoldView
 from ledger_service.settings import Settings
 
 if TYPE_CHECKING:
@@ -38,13 +39,35 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_COUNTERS: dict[str, Callable[[str | None], None]] = {
-    "holds_opened": lambda label: metrics.HOLDS_OPENED.labels(trusted=label).inc(),
-    "holds_settled": lambda label: metrics.HOLDS_SETTLED.labels(late=label).inc(),
-    "holds_expired": lambda _: metrics.HOLDS_EXPIRED.inc(),
-    "holds_refunded": lambda _: metrics.HOLDS_REFUNDED.inc(),
-    "consumptions": lambda _: metrics.CONSUMPTIONS.inc(),
+_COUNTERS: dict[Event, Callable[[], None]] = {
+    Event.HOLD_OPENED: metrics.HOLDS_OPENED.labels(trusted="false").inc,
+    Event.HOLD_OPENED_TRUSTED: metrics.HOLDS_OPENED.labels(trusted="true").inc,
+    Event.HOLD_SETTLED: metrics.HOLDS_SETTLED.labels(late="false").inc,
+    Event.HOLD_SETTLED_LATE: metrics.HOLDS_SETTLED.labels(late="true").inc,
+    Event.HOLD_REFUNDED: metrics.HOLDS_REFUNDED.inc,
+    Event.HOLD_EXPIRED: metrics.HOLDS_EXPIRED.inc,
+    Event.CONSUMED: metrics.CONSUMPTIONS.inc,
 }
+"""The metric each planned event moves, once its plan has committed."""
+
+
+def hold_view(row: RequestRow) -> HoldView:
+    """A request as the API shows it."""
+    return HoldView(
+        request_id=row.request_id,
+        user_id=row.user_id,
+        token_id=row.token_id,
+        group=row.group,
+        model=row.model,
+        status=row.status.value,
+        amount=row.amount,
+        trusted=row.trusted,
+        charged=row.charged,
+        channel_id=row.channel_id,
+        late=row.late,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+    )
 
 
 class _Stale(Exception):
@@ -122,53 +145,64 @@ class LifecycleService:
         finally:
             self._groups_in_flight -= 1
 
-    async def run(self, operations: list[Operation], *, atomic: bool = False) -> list[Result]:
+    async def run(self, operations: Sequence[Operation], *, atomic: bool = False) -> list[Result]:
         """Plan and apply the operations; each gets its answer: the request after it, or its refusal."""
-        pessimistic = False
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        return (await self._run(operations, atomic=atomic)).results
+
+    async def _run(self, operations: Sequence[Operation], *, atomic: bool) -> Plan:
+        locked = False
+
+        async def attempt() -> Plan:
+            nonlocal locked
             try:
-                async with self.pool.acquire(timeout=POOL_WAIT_SECONDS) as conn:
-                    try:
-                        if pessimistic:
-                            async with conn.transaction(isolation="read_committed"):
-                                plan = await self._attempt(conn, operations, atomic=atomic, locked=True)
-                        else:
-                            plan = await self._attempt(conn, operations, atomic=atomic, locked=False)
-                    except BaseException as error:
-                        if _connection_lost(error):
-                            conn.terminate()  # never hand a broken connection to the next caller
-                            self.seen.forget()  # the database may come back restored or failed over
-                        raise
-                for name, label in plan.events:
-                    _COUNTERS[name](label)
-                metrics.LIFECYCLE_GROUP_SIZE.observe(len(operations))
-                return plan.results
+                return await self._attempt(operations, atomic=atomic, locked=locked)
             except _Stale:
                 metrics.STALE_PLANS.inc()
-                pessimistic = True
-                continue
-            except asyncpg.PostgresError as error:
-                if error.sqlstate == UNIQUE_VIOLATION and getattr(error, "constraint_name", None) in (
-                    IDEMPOTENCY_CONSTRAINTS
-                ):
-                    continue  # another call took a request_id first: the next attempt finds its row
-                if error.sqlstate in RETRYABLE_SQLSTATES:
-                    log.info("retrying lifecycle operations after %s (attempt %d)", error.sqlstate, attempt)
-                    await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))
-                    continue
-                if _connection_lost(error):
-                    raise DatabaseUnavailable(str(error)) from error
+                locked = True  # plan again under locks: that plan cannot go stale
                 raise
-            except _CONNECTION_FAILURES as error:
-                self.seen.forget()
-                # A pooled connection that died while idle (the database restarted): one more try on a fresh
-                # one. Safe even if the lost statement had committed: every lifecycle operation is idempotent.
-                if attempt == 1:
-                    continue
-                raise DatabaseUnavailable(str(error)) from error
-        raise DatabaseBusy(f"gave up after {MAX_ATTEMPTS} attempts")
+            except Exception as error:
+                if _connection_lost(error):
+                    self.seen.forget()  # the database may come back restored or failed over
+                raise
 
-    async def _attempt(self, conn: Connection, operations: list[Operation], *, atomic: bool, locked: bool) -> Plan:
+        plan = await with_retries(attempt, _judge)
+        for event in plan.events:
+            _COUNTERS[event]()
+        metrics.LIFECYCLE_GROUP_SIZE.observe(len(operations))
+        return plan
+
+    async def expire_due_holds(self, *, batch: int = 200) -> int:
+        """Expire the open holds past expires_at, `batch` at a time; returns how many were expired.
+
+        Each round is planned and applied like any other operations, so a hold expires the same way whether the
+        sweeper or a late settle or refund finds it due. Sweepers of several processes may pick the same holds: a
+        hold expires once (the apply's premise on its status), and the sweeper that lost replans and finds it done.
+        """
+        total = 0
+        while True:
+            async with self.pool.acquire(timeout=POOL_WAIT_SECONDS) as conn:
+                due = await lifecycle_db.due_holds(conn, limit=batch)
+            if due:
+                plan = await self._run([Expire(request_id) for request_id in due], atomic=False)
+                total += plan.events.count(Event.HOLD_EXPIRED)
+            if len(due) < batch:
+                return total
+
+    async def _attempt(self, operations: Sequence[Operation], *, atomic: bool, locked: bool) -> Plan:
+        async with self.pool.acquire(timeout=POOL_WAIT_SECONDS) as conn:
+            try:
+                if not locked:
+                    return await self._plan_and_apply(conn, operations, atomic=atomic, locked=False)
+                async with conn.transaction(isolation="read_committed"):
+                    return await self._plan_and_apply(conn, operations, atomic=atomic, locked=True)
+            except BaseException as error:
+                if _connection_lost(error):
+                    conn.terminate()  # never hand a broken connection to the next caller
+                raise
+
+    async def _plan_and_apply(
+        self, conn: Connection, operations: Sequence[Operation], *, atomic: bool, locked: bool
+    ) -> Plan:
         snapshot = await lifecycle_db.read(conn, operations, lock=locked, seen=self.seen)
         settings = self.settings
         plan = Planner(
@@ -186,9 +220,21 @@ class LifecycleService:
         return plan
 
 
+def _judge(error: Exception) -> Verdict:
+    """The retry policy's verdict (db/transactions.py) on an error of a lifecycle attempt."""
+    if isinstance(error, _Stale) or is_lost_key_race(error):
+        return Verdict.RETRY_NOW
+    if isinstance(error, asyncpg.PostgresError):
+        return sqlstate_verdict(error.sqlstate)
+    if isinstance(error, _CONNECTION_FAILURES):
+        return Verdict.RECONNECT
+    return Verdict.RAISE
+
+
 def _with_times(result: Result, created: dict[str, tuple[datetime, datetime | None]]) -> Result:
     """Give the requests this plan created the creation and expiry times the database assigned."""
     if not isinstance(result, Planned) or result.row.request_id not in created:
         return result
     created_at, expires_at = created[result.row.request_id]
-    return Planned(result.row._replace(created_at=created_at, expires_at=expires_at), result.created, result.replayed)
+    row = msgspec.structs.replace(result.row, created_at=created_at, expires_at=expires_at)
+    return Planned(row, result.created, result.replayed)
