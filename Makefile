@@ -39,6 +39,7 @@ lint: install
 	$(RUN)/ruff check .
 	$(RUN)/ruff format --check .
 	$(RUN)/mypy
+	$(RUN)/lint-imports --no-cache
 
 format: install
 	$(RUN)/ruff check --fix .
