@@ -19,6 +19,7 @@ import asyncpg
 import msgspec
 
 from ledger_service.db.engine import asyncpg_dsn
+from ledger_service.db.locks import SWEEP_LOCK
 from ledger_service.db.pricing import prices_of
 from ledger_service.domain.accounts import SubLedger
 from ledger_service.domain.entries import EntryKind, Posting
@@ -335,6 +336,11 @@ async def apply(
     if applied.stale:
         return None
     return {c.request_id: (c.created_at, c.expires_at) for c in applied.created}
+
+
+async def try_sweeper_turn(conn: Connection) -> bool:
+    """Take the sweeper's lock for the caller's transaction, or False if another process's sweeper has it."""
+    return bool(await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SWEEP_LOCK))
 
 
 async def due_holds(conn: Connection, *, limit: int) -> list[str]:

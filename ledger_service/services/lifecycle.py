@@ -174,19 +174,21 @@ class LifecycleService:
     async def expire_due_holds(self, *, batch: int = 200) -> int:
         """Expire the open holds past expires_at, `batch` at a time; returns how many were expired.
 
-        Each round is planned and applied like any other operations, so a hold expires the same way whether the
-        sweeper or a late settle or refund finds it due. Sweepers of several processes may pick the same holds: a
-        hold expires once (the apply's premise on its status), and the sweeper that lost replans and finds it done.
+        Each batch is planned and applied like any other operations, so a hold expires the same way whether the
+        sweeper or a late settle or refund finds it due (and once: the apply checks the hold's status). One sweeper
+        runs at a time across processes; the others skip their turn, as the snapshotter does.
         """
         total = 0
-        while True:
-            async with self.pool.acquire(timeout=POOL_WAIT_SECONDS) as conn:
+        async with self.pool.acquire(timeout=POOL_WAIT_SECONDS) as conn, conn.transaction():
+            if not await lifecycle_db.try_sweeper_turn(conn):  # held until this transaction ends
+                return 0
+            while True:
                 due = await lifecycle_db.due_holds(conn, limit=batch)
-            if due:
-                plan = await self._run([Expire(request_id) for request_id in due], atomic=False)
-                total += plan.events.count(Event.HOLD_EXPIRED)
-            if len(due) < batch:
-                return total
+                if due:
+                    plan = await self._run([Expire(request_id) for request_id in due], atomic=False)
+                    total += plan.events.count(Event.HOLD_EXPIRED)
+                if len(due) < batch:
+                    return total
 
     async def _attempt(self, operations: Sequence[Operation], *, atomic: bool, locked: bool) -> Plan:
         async with self.pool.acquire(timeout=POOL_WAIT_SECONDS) as conn:
