@@ -19,7 +19,6 @@ import asyncpg
 import msgspec
 
 from ledger_service.db.engine import asyncpg_dsn
-from ledger_service.db.locks import SWEEP_LOCK
 from ledger_service.db.pricing import prices_of
 from ledger_service.domain.accounts import SubLedger
 from ledger_service.domain.entries import EntryKind, Posting
@@ -338,15 +337,12 @@ async def apply(
     return {c.request_id: (c.created_at, c.expires_at) for c in applied.created}
 
 
-async def try_sweeper_turn(conn: Connection) -> bool:
-    """Take the sweeper's lock for the caller's transaction, or False if another process's sweeper has it."""
-    return bool(await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SWEEP_LOCK))
-
-
-async def due_holds(conn: Connection, *, limit: int) -> list[str]:
-    """The request ids of open holds past expires_at, the most overdue first (the sweeper's round)."""
+async def lock_due_holds(conn: Connection, *, limit: int) -> list[str]:
+    """The request ids of open holds past expires_at, the most overdue first, locked for the caller's transaction;
+    holds another sweeper has locked are skipped, so sweepers share the work."""
     rows = await conn.fetch(
-        "SELECT request_id FROM requests WHERE status = 'open' AND expires_at <= now() ORDER BY expires_at LIMIT $1",
+        "SELECT request_id FROM requests WHERE status = 'open' AND expires_at <= now()"
+        " ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
         limit,
     )
     return [row["request_id"] for row in rows]

@@ -17,9 +17,6 @@ SNAPSHOT_LOCK = 0x4C45444745520001
 SEAL_LOCK = 0x4C45444745520002
 """Key of the lock that lets one sealer at a time extend the hash chain."""
 
-SWEEP_LOCK = 0x4C45444745520003
-"""Key of the lock that lets one sweeper at a time expire due holds (db/lifecycle.py takes it)."""
-
 
 async def lock_user(conn: AsyncConnection, user_id: int) -> None:
     """Wait for, then hold until commit, the lock on the user's balance (and its tokens' allowances)."""

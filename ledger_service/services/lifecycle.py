@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -155,52 +156,68 @@ class LifecycleService:
         async def attempt() -> Plan:
             nonlocal locked
             try:
-                return await self._attempt(operations, atomic=atomic, locked=locked)
+                async with self._connection() as conn:
+                    if not locked:
+                        return await self._plan_and_apply(conn, operations, atomic=atomic, locked=False)
+                    async with conn.transaction(isolation="read_committed"):
+                        return await self._plan_and_apply(conn, operations, atomic=atomic, locked=True)
             except _Stale:
                 metrics.STALE_PLANS.inc()
                 locked = True  # plan again under locks: that plan cannot go stale
                 raise
-            except Exception as error:
-                if _connection_lost(error):
-                    self.seen.forget()  # the database may come back restored or failed over
-                raise
 
-        plan = await with_retries(attempt, _judge)
-        for event in plan.events:
-            _COUNTERS[event]()
-        metrics.LIFECYCLE_GROUP_SIZE.observe(len(operations))
+        plan = await with_retries(attempt, self._judge)
+        self._count(plan, len(operations))
         return plan
 
     async def expire_due_holds(self, *, batch: int = 200) -> int:
         """Expire the open holds past expires_at, `batch` at a time; returns how many were expired.
 
-        Each batch is planned and applied like any other operations, so a hold expires the same way whether the
-        sweeper or a late settle or refund finds it due (and once: the apply checks the hold's status). One sweeper
-        runs at a time across processes; the others skip their turn, as the snapshotter does.
+        Each batch is planned and applied like other operations, so a hold expires the same way whether the
+        sweeper or a late settle or refund finds it due. Sweepers of several processes share the work: each locks
+        the due holds no other has locked (SKIP LOCKED) and plans their expiry under those locks.
         """
         total = 0
-        async with self.pool.acquire(timeout=POOL_WAIT_SECONDS) as conn, conn.transaction():
-            if not await lifecycle_db.try_sweeper_turn(conn):  # held until this transaction ends
-                return 0
-            while True:
-                due = await lifecycle_db.due_holds(conn, limit=batch)
-                if due:
-                    plan = await self._run([Expire(request_id) for request_id in due], atomic=False)
-                    total += plan.events.count(Event.HOLD_EXPIRED)
-                if len(due) < batch:
-                    return total
+        while True:
+            plan, due = await with_retries(lambda: self._expire_batch(batch), self._judge)
+            self._count(plan, due)
+            total += plan.events.count(Event.HOLD_EXPIRED)
+            if due < batch:
+                return total
 
-    async def _attempt(self, operations: Sequence[Operation], *, atomic: bool, locked: bool) -> Plan:
+    async def _expire_batch(self, batch: int) -> tuple[Plan, int]:
+        """One transaction of the sweeper: the plan that expired the due holds it locked, and how many it locked."""
+        async with self._connection() as conn, conn.transaction(isolation="read_committed"):
+            due = await lifecycle_db.lock_due_holds(conn, limit=batch)
+            if not due:
+                return Plan(), 0
+            operations = [Expire(request_id) for request_id in due]
+            return await self._plan_and_apply(conn, operations, atomic=False, locked=True), len(due)
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Connection]:
+        """A connection of the pool (503 after POOL_WAIT_SECONDS); one that broke is closed, never reused."""
         async with self.pool.acquire(timeout=POOL_WAIT_SECONDS) as conn:
             try:
-                if not locked:
-                    return await self._plan_and_apply(conn, operations, atomic=atomic, locked=False)
-                async with conn.transaction(isolation="read_committed"):
-                    return await self._plan_and_apply(conn, operations, atomic=atomic, locked=True)
+                yield conn
             except BaseException as error:
                 if _connection_lost(error):
-                    conn.terminate()  # never hand a broken connection to the next caller
+                    conn.terminate()
                 raise
+
+    def _judge(self, error: Exception) -> Verdict:
+        """The retry policy's verdict (db/transactions.py) on an error of a lifecycle attempt."""
+        verdict = _verdict(error)
+        if verdict in (Verdict.RECONNECT, Verdict.UNAVAILABLE):
+            self.seen.forget()  # the database may come back restored or failed over
+        return verdict
+
+    @staticmethod
+    def _count(plan: Plan, operations: int) -> None:
+        """Move the counters of a committed plan."""
+        for event in plan.events:
+            _COUNTERS[event]()
+        metrics.LIFECYCLE_GROUP_SIZE.observe(operations)
 
     async def _plan_and_apply(
         self, conn: Connection, operations: Sequence[Operation], *, atomic: bool, locked: bool
@@ -222,8 +239,7 @@ class LifecycleService:
         return plan
 
 
-def _judge(error: Exception) -> Verdict:
-    """The retry policy's verdict (db/transactions.py) on an error of a lifecycle attempt."""
+def _verdict(error: Exception) -> Verdict:
     if isinstance(error, _Stale) or is_lost_key_race(error):
         return Verdict.RETRY_NOW
     if isinstance(error, asyncpg.PostgresError):
