@@ -147,7 +147,8 @@ def render_reconciliation(report: ReconciliationView) -> str:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from ledger_service.bench import SCENARIOS, Options, main_bench
+    from ledger_service.bench.options import SCENARIOS, Options
+    from ledger_service.bench.run import main_bench
 
     scenarios = tuple((args.scenarios or ",".join(SCENARIOS)).split(","))
     unknown = sorted(set(scenarios) - set(SCENARIOS))

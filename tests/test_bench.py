@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from ledger_service.bench import BATCH_SIZE, InProcessBatches, Relay, Tally, Workload, measure, profile_breakdown
-from ledger_service.bench_floor import FLOORS, FloorBatches, postings_of
+from ledger_service.bench.cpu import profile_breakdown
+from ledger_service.bench.direct import InProcessBatches
+from ledger_service.bench.floor import FLOORS, FloorBatches, postings_of
+from ledger_service.bench.load import BATCH_SIZE, Relay, Workload
+from ledger_service.bench.measurement import Tally, measure
 from tests.support import LedgerClient
 
 

@@ -1,20 +1,8 @@
-"""The benchmark's floor scenarios: what the batches' rows cost PostgreSQL with nothing else in the way.
-
-The batch scenario writes, per operation, a request row (created or moved), an entry and its postings. These
-scenarios write the same rows for the same operations, one plain SQL statement per batch of 100, from a client
-that only puts the rows in arrays: no HTTP, no planner, no read before the write, no premises, no JSON. The
-amounts are fixed by a simple rule (each entry still balances), not priced.
-
-- `bare`: into minimal tables of their own (schema `floor`): primary keys and the index a balance read needs, no
-  constraint or trigger. PostgreSQL's floor for a double-entry journal on this machine.
-- `schema`: into the service's own tables (migrated, on a database of their own), with every index, constraint
-  and trigger they have. The ceiling of the schema itself: what the lifecycle's work adds is the difference to
-  the `direct` scenario.
-
-Both run on a database of their own that starts empty, so their tables are smaller than the workload's, which
-the single-call and batch scenarios have filled before them: if anything, the floors are flattered. The schema
-floor's hashes and fingerprints are stand-ins, so that database is not reconciled (its entries still balance: the
-postings trigger checks it).
+"""The floor scenarios, `bare` and `schema`: what the batches' rows cost PostgreSQL with nothing else in the way.
+They write the rows the batch scenario writes for the same operations (a request row, created or moved, an entry
+and its postings), one plain SQL statement per batch of 100, from a client that only puts the rows in arrays: no
+HTTP, no planner, no read before the write, no premises, no JSON. The amounts follow a simple rule (each entry
+still balances), not the prices.
 """
 
 from __future__ import annotations
@@ -23,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from ledger_service.bench import Measurement, Workload, drive_batches
+from ledger_service.bench.driver import drive_batches
+from ledger_service.bench.load import Workload
+from ledger_service.bench.measurement import Measurement
 from ledger_service.domain.entries import (
     Posting,
     direct_charge_postings,
@@ -36,6 +26,16 @@ if TYPE_CHECKING:
     from ledger_service.db.lifecycle import Pool
 
 FLOORS = ("bare", "schema")
+"""- `bare`: into minimal tables of their own (schema `floor`): primary keys and the index a balance read needs, no
+  constraint or trigger. PostgreSQL's floor for a double-entry journal on this machine.
+- `schema`: into the service's own tables (migrated, on a database of their own), with every index, constraint
+  and trigger they have. The ceiling of the schema itself: what the lifecycle's work adds is the difference to
+  the `direct` scenario.
+
+Both run on a database of their own that starts empty, so their tables are smaller than the workload's, which
+the single-call and batch scenarios have filled before them: if anything, the floors are flattered. The schema
+floor's hashes and fingerprints are stand-ins, so that database is not reconciled (its entries still balance: the
+postings trigger checks it)."""
 
 BARE_TABLES = """
 CREATE SCHEMA IF NOT EXISTS floor;
