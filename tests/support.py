@@ -1,12 +1,18 @@
-"""Helpers shared by the tests: an HTTP driver with keys of each role, and checks made with raw SQL."""
+"""Helpers shared by the tests: an HTTP driver with keys of each role, checks made with raw SQL, and the database's
+functions next to their files in migrations/sql."""
 
 from __future__ import annotations
 
+import difflib
 import itertools
 from typing import Any
 
 import asyncpg
 import httpx
+from alembic.script import ScriptDirectory
+
+from ledger_service.database import PROJECT_ROOT
+from ledger_service.db.scripts import FUNCTIONS_DIR, function_sql
 
 ADMIN_SECRET = "test-admin-secret"
 
@@ -151,3 +157,71 @@ async def db_state(ledger: LedgerClient) -> dict[str, Any]:
     row = await ledger.conn.fetchrow(STATE_SQL)
     assert row is not None
     return dict(row.items())
+
+
+# Database functions and their files in migrations/sql -----------------------------------------------------------
+MIGRATIONS = ScriptDirectory(str(PROJECT_ROOT / "migrations"))
+SCRATCH_SCHEMA = "function_files"
+
+FUNCTIONS_SQL = """
+SELECT p.proname, pg_get_functiondef(p.oid) AS definition
+  FROM pg_proc p
+ WHERE p.pronamespace = 'public'::regnamespace
+   AND NOT EXISTS (SELECT 1 FROM pg_depend d  -- an extension's functions are not ours
+                    WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+ ORDER BY p.proname
+"""
+
+
+async def function_definitions(conn: asyncpg.Connection[Any]) -> dict[str, str]:
+    """`pg_get_functiondef` of each of our functions in the database, by name."""
+    rows = await conn.fetch(FUNCTIONS_SQL)
+    definitions = {row["proname"]: row["definition"] for row in rows}
+    assert len(definitions) == len(rows), "an overloaded function: migrations/sql keeps one per name"
+    return definitions
+
+
+def function_files(revision: str) -> dict[str, str]:
+    """The revision of each function's file that a database at `revision` has: its newest file at or below
+    `revision` (no entry for a function created later)."""
+    lineage = [script.revision for script in MIGRATIONS.iterate_revisions(revision, "base")]  # newest first
+    found: dict[str, str] = {}
+    for folder in sorted(path for path in FUNCTIONS_DIR.iterdir() if path.is_dir()):
+        defined = [candidate for candidate in lineage if (folder / f"{candidate}.sql").is_file()]
+        if defined:
+            found[folder.name] = defined[0]
+    return found
+
+
+async def file_definitions(conn: asyncpg.Connection[Any]) -> dict[str, str]:
+    """`pg_get_functiondef` of each function's file as the database's revision has it, as the database would print
+    the function if the file had created it: PostgreSQL keeps a body byte for byte but prints the rest of a
+    definition its own way (qualified name, clause order, `SET name TO 'value'`). Each file is run in a scratch
+    schema, rolled back afterwards."""
+    revision = await conn.fetchval("SELECT version_num FROM alembic_version")
+    definitions: dict[str, str] = {}
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        # Unqualified names are created in the first schema of the path; bodies still find the tables in public.
+        await conn.execute(f"CREATE SCHEMA {SCRATCH_SCHEMA}; SET LOCAL search_path = {SCRATCH_SCHEMA}, public")
+        for name, file_revision in function_files(revision).items():
+            await conn.execute(function_sql(name, file_revision))
+            definition = await conn.fetchval("SELECT pg_get_functiondef($1::regproc)", f"{SCRATCH_SCHEMA}.{name}")
+            definitions[name] = definition.replace(f" {SCRATCH_SCHEMA}.{name}(", f" public.{name}(", 1)
+    finally:
+        await transaction.rollback()
+    return definitions
+
+
+async def functions_against_files(conn: asyncpg.Connection[Any]) -> str:
+    """A unified diff from the functions' files (as the database's revision has them) to the database's functions:
+    empty when every function is its file and every file's function exists."""
+    files = await file_definitions(conn)
+    database = await function_definitions(conn)
+    diff: list[str] = []
+    for name in sorted(files.keys() | database.keys()):
+        before = files.get(name, "").splitlines(keepends=True)
+        after = database.get(name, "").splitlines(keepends=True)
+        diff += difflib.unified_diff(before, after, f"migrations/sql: {name}", f"database: {name}")
+    return "".join(diff)

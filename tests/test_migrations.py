@@ -9,6 +9,7 @@ import pytest
 from alembic import command
 
 from ledger_service.database import EmbeddedPostgres, alembic_config, migrate
+from tests.support import functions_against_files
 
 
 @pytest.fixture
@@ -54,7 +55,8 @@ async def test_upgrade_downgrade_upgrade(empty_database: str) -> None:
 
 async def test_each_revision_downgrades_to_working_functions(empty_database: str) -> None:
     """Down to 0003 and up again: after each step that revision's lifecycle functions still run (a downgrade that
-    left a function calling one it dropped would only fail at the next call)."""
+    left a function calling one it dropped would only fail at the next call), and every function is exactly its
+    file as of that revision (migrations/sql)."""
     await asyncio.to_thread(migrate, empty_database)
     for revision in ("0003", "0004"):
         await asyncio.to_thread(command.downgrade if revision == "0003" else command.upgrade,
@@ -71,13 +73,16 @@ async def test_each_revision_downgrades_to_working_functions(empty_database: str
             assert '"requests": []' in found
             settings = await conn.fetchval("SELECT proconfig FROM pg_proc WHERE proname = 'ledger_lifecycle_apply'")
             assert (settings is None) is (revision == "0003")
+            diff = await functions_against_files(conn)
+            assert not diff, diff
         finally:
             await conn.close()
 
 
 async def test_lifecycle_functions_plan_generically_from_0005(empty_database: str) -> None:
     """0005 gives each lifecycle function generic plans (kept per session, not made again per call), next to
-    0004's `enable_seqscan = off`; its downgrade takes away only what it added."""
+    0004's `enable_seqscan = off`; its downgrade takes away only what it added (every function is its file as of
+    each revision again)."""
     query = "SELECT proname, proconfig FROM pg_proc WHERE proname = ANY ($1) ORDER BY proname"
     names = ["ledger_balances", "ledger_check_posted_entries", "ledger_lifecycle_apply", "ledger_lifecycle_read",
              "ledger_lock_plan"]  # fmt: skip
@@ -90,8 +95,10 @@ async def test_lifecycle_functions_plan_generically_from_0005(empty_database: st
         conn = await asyncpg.connect(empty_database)
         try:
             rows = await conn.fetch(query, names)
+            diff = await functions_against_files(conn)
         finally:
             await conn.close()
+        assert not diff, diff
         assert [row["proname"] for row in rows] == names
         for row in rows:
             settings = set(row["proconfig"])

@@ -1,8 +1,15 @@
-"""Running multi-statement SQL scripts (migrations) over asyncpg, which prepares one statement at a time."""
+"""Running multi-statement SQL scripts (migrations) over asyncpg, which prepares one statement at a time, and the
+database functions' definitions, one file per function and revision (migrations/sql/README.md)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy import Connection
+
+from ledger_service.database import PROJECT_ROOT
+
+FUNCTIONS_DIR = PROJECT_ROOT / "migrations" / "sql"
 
 
 def statements(script: str) -> list[str]:
@@ -25,3 +32,15 @@ def statements(script: str) -> list[str]:
 def run_script(connection: Connection, script: str) -> None:
     for statement in statements(script):
         connection.exec_driver_sql(statement)
+
+
+def function_sql(name: str, revision: str) -> str:
+    """The `CREATE OR REPLACE FUNCTION` of `name` as revision `revision` left it."""
+    return (FUNCTIONS_DIR / name / f"{revision}.sql").read_text()
+
+
+def create_functions(connection: Connection, revision: str, names: Iterable[str]) -> None:
+    """Define each function as `revision` left it, in the order given (a SQL function's body is checked against the
+    functions it calls)."""
+    for name in names:
+        run_script(connection, function_sql(name, revision))

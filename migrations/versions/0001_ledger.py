@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from ledger_service.db.scripts import run_script
+from ledger_service.db.scripts import create_functions, run_script
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -17,6 +17,14 @@ branch_labels: Sequence[str] | None = None
 depends_on: Sequence[str] | None = None
 
 MAX_AMOUNT = 10**15
+
+# The guards' trigger functions (migrations/sql), created before the tables whose triggers run them.
+FUNCTIONS = (
+    "ledger_check_entry_balanced",
+    "ledger_refuse_change",
+    "ledger_check_request_transition",
+    "ledger_check_token_owner",
+)
 
 UPGRADE = f"""
 -- Journal -----------------------------------------------------------------------------------------------------
@@ -70,31 +78,10 @@ CREATE INDEX postings_by_account ON postings (account, ledger, txid) INCLUDE (am
 CREATE INDEX postings_by_txid ON postings (txid);
 
 -- Every entry balances per ledger. Checked at commit, once all postings of the transaction are in.
-CREATE FUNCTION ledger_check_entry_balanced() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    offender record;
-BEGIN
-    SELECT ledger, sum(amount) AS total INTO offender
-      FROM postings WHERE entry_id = NEW.entry_id
-     GROUP BY ledger HAVING sum(amount) <> 0
-     LIMIT 1;
-    IF FOUND THEN
-        RAISE EXCEPTION 'entry % does not balance: ledger % sums to %', NEW.entry_id, offender.ledger, offender.total
-            USING ERRCODE = 'check_violation', CONSTRAINT = 'postings_balanced';
-    END IF;
-    RETURN NULL;
-END
-$$;
 CREATE CONSTRAINT TRIGGER postings_balanced AFTER INSERT ON postings
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION ledger_check_entry_balanced();
 
 -- History is append-only: corrections are reversing entries, never edits.
-CREATE FUNCTION ledger_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP
-        USING ERRCODE = 'insufficient_privilege', HINT = 'post a reversing entry instead';
-END
-$$;
 CREATE TRIGGER entries_append_only BEFORE UPDATE OR DELETE ON entries
     FOR EACH ROW EXECUTE FUNCTION ledger_refuse_change();
 CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON entries
@@ -140,29 +127,6 @@ CREATE INDEX requests_open_by_token ON requests (token_id) INCLUDE (amount) WHER
 CREATE INDEX requests_open_by_expiry ON requests (expires_at) WHERE status = 'open';
 
 -- A request moves only forward through its lifecycle, and what it is about never changes.
-CREATE FUNCTION ledger_check_request_transition() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP = 'DELETE' THEN
-        RAISE EXCEPTION 'requests are never deleted' USING ERRCODE = 'insufficient_privilege';
-    END IF;
-    IF (NEW.request_id, NEW.kind, NEW.user_id, NEW.token_id, NEW.token_limited, NEW.group_name, NEW.model,
-        NEW.prompt_tokens, NEW.max_tokens, NEW.amount, NEW.trusted, NEW.model_ratio, NEW.completion_ratio,
-        NEW.group_ratio, NEW.model_price, NEW.request_fingerprint, NEW.created_at, NEW.expires_at)
-       IS DISTINCT FROM
-       (OLD.request_id, OLD.kind, OLD.user_id, OLD.token_id, OLD.token_limited, OLD.group_name, OLD.model,
-        OLD.prompt_tokens, OLD.max_tokens, OLD.amount, OLD.trusted, OLD.model_ratio, OLD.completion_ratio,
-        OLD.group_ratio, OLD.model_price, OLD.request_fingerprint, OLD.created_at, OLD.expires_at) THEN
-        RAISE EXCEPTION 'request %: only its resolution may change', OLD.request_id
-            USING ERRCODE = 'insufficient_privilege';
-    END IF;
-    IF NOT ((OLD.status = 'open' AND NEW.status IN ('settled', 'refunded', 'expired'))
-            OR (OLD.status = 'expired' AND NEW.status = 'settled' AND NEW.late)) THEN
-        RAISE EXCEPTION 'request %: % -> % is not a lifecycle step', OLD.request_id, OLD.status, NEW.status
-            USING ERRCODE = 'check_violation';
-    END IF;
-    RETURN NEW;
-END
-$$;
 CREATE TRIGGER requests_lifecycle BEFORE UPDATE OR DELETE ON requests
     FOR EACH ROW EXECUTE FUNCTION ledger_check_request_transition();
 CREATE TRIGGER requests_no_truncate BEFORE TRUNCATE ON requests
@@ -176,14 +140,6 @@ CREATE TABLE tokens (
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE FUNCTION ledger_check_token_owner() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF NEW.user_id <> OLD.user_id OR NEW.token_id <> OLD.token_id THEN
-        RAISE EXCEPTION 'token % never changes user', OLD.token_id USING ERRCODE = 'check_violation';
-    END IF;
-    RETURN NEW;
-END
-$$;
 CREATE TRIGGER tokens_owner_fixed BEFORE UPDATE ON tokens
     FOR EACH ROW EXECUTE FUNCTION ledger_check_token_owner();
 CREATE TRIGGER tokens_kept BEFORE DELETE ON tokens
@@ -261,6 +217,7 @@ DROP FUNCTION ledger_check_token_owner(), ledger_check_request_transition(), led
 
 
 def upgrade() -> None:
+    create_functions(op.get_bind(), "0001", FUNCTIONS)
     run_script(op.get_bind(), UPGRADE)
 
 

@@ -16,25 +16,27 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from ledger_service.db.scripts import create_functions
+
 revision: str = "0005"
 down_revision: str | None = "0004"
 branch_labels: Sequence[str] | None = None
 depends_on: Sequence[str] | None = None
 
+# Each gets a 0005.sql that adds `SET plan_cache_mode = force_generic_plan` to its 0004.sql; the downgrade restores
+# the 0004 files.
 FUNCTIONS = (
-    "ledger_lifecycle_read(jsonb)",
-    "ledger_lifecycle_apply(jsonb)",
-    "ledger_lock_plan(bigint[], text[])",
-    "ledger_check_posted_entries()",
-    "ledger_balances(jsonb)",
+    "ledger_lifecycle_read",
+    "ledger_lifecycle_apply",
+    "ledger_lock_plan",
+    "ledger_check_posted_entries",
+    "ledger_balances",
 )
 
 
 def upgrade() -> None:
-    for function in FUNCTIONS:
-        op.execute(f"ALTER FUNCTION {function} SET plan_cache_mode = force_generic_plan")
+    create_functions(op.get_bind(), "0005", FUNCTIONS)
 
 
 def downgrade() -> None:
-    for function in FUNCTIONS:
-        op.execute(f"ALTER FUNCTION {function} RESET plan_cache_mode")
+    create_functions(op.get_bind(), "0004", FUNCTIONS)
