@@ -12,33 +12,22 @@ plan carries nothing but its columns.
 """
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from alembic import op
+
+from ledger_service.db.scripts import create_functions
 
 revision: str = "0006"
 down_revision: str | None = "0005"
 branch_labels: Sequence[str] | None = None
 depends_on: Sequence[str] | None = None
 
-FUNCTIONS = {
-    "ledger_lifecycle_read": "ledger_lifecycle_read(jsonb)",
-    "ledger_lifecycle_apply": "ledger_lifecycle_apply(jsonb)",
-}
-SQL = Path(__file__).resolve().parent.parent / "sql"
-
-
-def _define(revision: str) -> None:
-    for name, signature in FUNCTIONS.items():
-        op.execute((SQL / name / f"{revision}.sql").read_text())
-        # CREATE OR REPLACE drops a function's settings: give back those of 0004 and 0005.
-        op.execute(f"ALTER FUNCTION {signature} SET enable_seqscan = off")
-        op.execute(f"ALTER FUNCTION {signature} SET plan_cache_mode = force_generic_plan")
+FUNCTIONS = ("ledger_lifecycle_read", "ledger_lifecycle_apply")
 
 
 def upgrade() -> None:
-    _define("0006")
+    create_functions(op.get_bind(), "0006", FUNCTIONS)
 
 
 def downgrade() -> None:
-    _define("0004")
+    create_functions(op.get_bind(), "0005", FUNCTIONS)

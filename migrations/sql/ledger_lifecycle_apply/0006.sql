@@ -1,4 +1,14 @@
-CREATE OR REPLACE FUNCTION ledger_lifecycle_apply(plan jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
+-- Apply a plan: check its premises, then write its requests, entries and postings set-based.
+-- The request rows it moves are locked and compared first. The users' locks are taken only after the writes, so
+-- that they are held for the balance check and the commit, not for the writes: the balances then include the
+-- plan's own postings, and each premise (the range a balance must be in for the plan's decisions to stand) is
+-- shifted by the plan's own change.
+-- A premise that no longer holds: nothing is written (or everything is rolled back, SQLSTATE LS001).
+-- The balance premises are checked with ledger_balances, brought up to date from the balances the plan's read saw.
+CREATE OR REPLACE FUNCTION ledger_lifecycle_apply(plan jsonb) RETURNS jsonb LANGUAGE plpgsql
+    SET enable_seqscan = off  -- rows are found by key: index scans, whatever the statistics say (migration 0004)
+    SET plan_cache_mode = force_generic_plan  -- one plan per statement and session, not per call (migration 0005)
+AS $$
 DECLARE
     expected_requests integer := jsonb_array_length(plan->'expect_requests');
     matching integer;

@@ -1,4 +1,11 @@
-CREATE OR REPLACE FUNCTION ledger_lifecycle_read(want jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
+-- Everything a plan decides on, as one document. With lock = true, the plan's users and requests are locked
+-- first (inside the caller's transaction), so that nothing read can change before the plan is applied.
+-- Balances come from ledger_balances: an account named with the balance `seen` in an earlier snapshot `seen_at` is
+-- brought up to date from it, and the document gives the snapshot its own balances were read in.
+CREATE OR REPLACE FUNCTION ledger_lifecycle_read(want jsonb) RETURNS jsonb LANGUAGE plpgsql
+    SET enable_seqscan = off  -- rows are found by key: index scans, whatever the statistics say (migration 0004)
+    SET plan_cache_mode = force_generic_plan  -- one plan per statement and session, not per call (migration 0005)
+AS $$
 DECLARE
     found jsonb;
 BEGIN
