@@ -347,7 +347,9 @@ class Planner:
         return row
 
     def _due(self, row: RequestRow) -> bool:
-        return not self.plan.creates(row.request_id) and row.is_due(self.snapshot.now)
+        """Judged by the read's clock. A request this plan created is never due: the database has not yet given
+        it an expiry."""
+        return row.is_due(self.snapshot.now)
 
     def _existing_hold(self, request_id: str) -> RequestRow:
         row = self._request(request_id)
