@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from alembic import command
@@ -76,11 +79,41 @@ def database_url(url: str | None, data_dir: Path) -> Iterator[str]:
         yield url
         return
     log.info("starting embedded PostgreSQL in %s", data_dir)
-    server = EmbeddedPostgres(data_dir)
+    server: EmbeddedPostgres | None = None
     try:
+        with stop_signals_held():
+            server = EmbeddedPostgres(data_dir)
         yield server.url()
     finally:
-        server.stop()
+        if server is not None:
+            with stop_signals_held():
+                server.stop()
+
+
+@contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while the block runs, then deliver them.
+
+    Starting and stopping the embedded server run initdb and pg_ctl, which a stop would cut short: a data
+    directory left half made, or a server started that nothing stops. Held, a stop takes effect right after,
+    when the server can be stopped cleanly. Signals can only be handled in the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        held.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        signal.raise_signal(held[0])  # to the handler the caller had
 
 
 def alembic_config(url: str) -> Config:
