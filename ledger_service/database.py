@@ -69,7 +69,28 @@ class EmbeddedPostgres:
         return output
 
     def stop(self) -> None:
+        self._forget_dead_users()
         self._server.cleanup()
+
+    def _forget_dead_users(self) -> None:
+        """The wheel stops the server only when the last process using it lets go: it lists their pids in the data
+        directory. A process killed outright (kill -9, the OOM killer) never let go, and would keep the server
+        running after every later run; forget those before letting go ourselves."""
+        users = self._server.global_process_id_list
+        with self._server._lock:  # the wheel's lock over that list, between processes
+            for pid in users.get():
+                if not _process_exists(pid):
+                    users.get_and_remove(pid)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, as another user's
+    return True
 
 
 @contextmanager

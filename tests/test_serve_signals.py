@@ -159,3 +159,28 @@ async def test_a_command_stopped_while_starting_the_server_stops_it_and_says_so(
             migrate.kill()
             await migrate.wait()
         stop_leftover_server(data_dir)
+
+
+async def test_after_a_crash_the_next_run_stops_the_server_it_took_over(tmp_path: Path) -> None:
+    """A run killed outright (kill -9, the OOM killer) leaves its server running, and the next run uses it. The
+    wheel stops a server only when the last process using it lets go, and the dead one never let go."""
+    data_dir = tmp_path / "ledger-data"
+    settings = {"LEDGER_DATA_DIR": str(data_dir)}
+    crashed, again = ServiceProcess(None, settings=settings), ServiceProcess(None, settings=settings)
+    try:
+        await crashed.start()
+        await crashed.kill()
+        pid = postmaster_pid(data_dir)
+        assert pid is not None
+        assert running(pid)  # left behind
+
+        await again.start()
+        assert postmaster_pid(data_dir) == pid  # taken over
+        status = await stop_with(again, signal.SIGTERM)
+        assert_no_server_holds(data_dir, {pid}, again)
+        assert status == 0, again.logged()
+    finally:
+        for service in (crashed, again):
+            await service.stop()
+            service.close()
+        stop_leftover_server(data_dir)
