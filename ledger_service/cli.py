@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from types import FrameType
 from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -21,6 +24,24 @@ from ledger_service.schemas import ReconciliationView
 from ledger_service.settings import Settings, SettingsError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised the way SIGINT raises KeyboardInterrupt, so that it unwinds through every `finally`.
+
+    At its default action SIGTERM ends the process on the spot, and the embedded server it started is left
+    running. uvicorn does shut down gracefully on SIGTERM, but then raises the signal again, for the action the
+    process had chosen: with this one, uvicorn.run returns as it does after Ctrl-C, and the server is stopped.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    raise Stopped(signum)
 
 
 def _run_with_engine(url: str, settings: Settings, job: Callable[..., Awaitable[T]]) -> T:
@@ -37,6 +58,16 @@ def _run_with_engine(url: str, settings: Settings, job: Callable[..., Awaitable[
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Serve until SIGTERM or SIGINT. Stopping is how a server's run ends: status 0, even when the signal came
+    before it was serving (uvicorn.run itself returns normally after a signal while it serves)."""
+    try:
+        _serve(args, settings)
+    except KeyboardInterrupt:
+        log.info("stopped before serving")
+    return 0
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
 
     host = args.host or settings.host
@@ -63,7 +94,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
 
 
 def _shared_metrics_dir(workers: int) -> str | None:
@@ -217,15 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _raise_stopped)
     args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace, Settings], int] = args.handler
     try:
         settings = Settings.from_env()
-    except SettingsError as error:
+        configure_logging(settings.log_format)
+        return handler(args, replace(settings))
+    except SettingsError as error:  # from the environment, or found when used (LEDGER_DATA_DIR)
         print(f"ledger-service: {error}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_format)
-    handler: Callable[[argparse.Namespace, Settings], int] = args.handler
-    return handler(args, replace(settings))
+    except KeyboardInterrupt as stop:
+        # A command stopped before it was done, with the embedded server stopped on the way out: the shell's
+        # status for death by that signal, 128 + its number.
+        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+        print(f"ledger-service: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

