@@ -92,12 +92,15 @@ class Services:
         await self.engine.dispose()
 
 
-async def build_services(database_url: str, *, pool_size: int, engine_pool_size: int) -> Services:
+async def build_services(
+    database_url: str, *, pool_size: int, engine_pool_size: int, command_timeout: float | None = 60
+) -> Services:
     """The service's objects as `ledger-service serve` wires them (api/app.py), with SERVICE_SETTINGS: a lifecycle
-    pool of up to `pool_size` connections and an engine of `engine_pool_size`."""
+    pool of up to `pool_size` connections and an engine of `engine_pool_size` whose statements may take up to
+    `command_timeout` seconds."""
     settings = Settings.from_env(dict(SERVICE_SETTINGS, LEDGER_DATABASE_URL=database_url))
     seen = SeenBalances()
     pool = await create_pool(database_url, size=pool_size, on_connect=seen.forget)
-    engine = create_engine(database_url, pool_size=engine_pool_size)
+    engine = create_engine(database_url, pool_size=engine_pool_size, command_timeout=command_timeout)
     audit = AuditService(engine, sweep_interval_seconds=settings.sweep_interval_seconds)
     return Services(BatchService(LifecycleService(pool, settings, seen)), audit, pool, engine)

@@ -25,8 +25,11 @@ def asyncpg_dsn(url: str) -> str:
     return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def create_engine(url: str, *, pool_size: int = 20, application_name: str = "ledger-service") -> AsyncEngine:
-    """A pooled engine. Pool size is fixed (no overflow) so the connection budget per process is known."""
+def create_engine(
+    url: str, *, pool_size: int = 20, application_name: str = "ledger-service", command_timeout: float | None = 60
+) -> AsyncEngine:
+    """A pooled engine. Pool size is fixed (no overflow) so the connection budget per process is known.
+    `command_timeout` bounds each statement, in seconds (None: unbounded, for whole-journal checks run by hand)."""
     return create_async_engine(
         async_url(url),
         # Pinned, whatever the server's default_transaction_isolation: the hold's correctness rests on READ
@@ -39,6 +42,6 @@ def create_engine(url: str, *, pool_size: int = 20, application_name: str = "led
         connect_args={
             "server_settings": {"application_name": application_name},
             "timeout": 5,
-            "command_timeout": 60,
+            "command_timeout": command_timeout,
         },
     )
