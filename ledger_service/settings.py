@@ -70,6 +70,18 @@ def _str(env: Mapping[str, str], name: str) -> str | None:
     return raw.strip()
 
 
+ADMIN_KEY_MIN_LENGTH = 16
+"""Only the secret's unsalted SHA-256 is stored, so a short (human-chosen) secret could be guessed offline from a
+leaked hash. 16 characters is a floor, not a recommendation: generate keys (docs/operations.md, section 5)."""
+
+
+def _secret(env: Mapping[str, str], name: str) -> str | None:
+    value = _str(env, name)
+    if value is not None and len(value) < ADMIN_KEY_MIN_LENGTH:
+        raise SettingsError(f"{name} must be at least {ADMIN_KEY_MIN_LENGTH} characters, got {len(value)}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the service can be configured with. Field docs name the environment variable."""
@@ -149,7 +161,7 @@ class Settings:
             host=_str(env, "LEDGER_HOST") or "127.0.0.1",
             port=_int(env, "LEDGER_PORT", 8080, minimum=0, maximum=65535),
             auto_migrate=_bool(env, "LEDGER_AUTO_MIGRATE", True),
-            admin_key=_str(env, "LEDGER_ADMIN_KEY"),
+            admin_key=_secret(env, "LEDGER_ADMIN_KEY"),
             hold_ttl_seconds=_int(env, "LEDGER_HOLD_TTL_SECONDS", 600, minimum=1, maximum=86400),
             trust_factor=_int(env, "LEDGER_TRUST_FACTOR", 100, minimum=0, maximum=10**6),
             pre_consumed_quota=_int(env, "LEDGER_PRE_CONSUMED_QUOTA", 500, minimum=0, maximum=10**9),

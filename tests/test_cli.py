@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ledger_service.settings import Settings
 from tests.processes import AUTH, service_process
 from tests.support import LedgerClient
 
@@ -182,3 +183,11 @@ def test_libpq_sslmode_is_understood() -> None:
     assert async_url("postgresql://u:p@db:5432/ledger?sslmode=require") == (
         "postgresql+asyncpg://u:p@db:5432/ledger?ssl=require"
     )
+
+
+def test_a_short_admin_key_is_refused_at_start() -> None:
+    """Only the secret's unsalted SHA-256 is stored: a short secret could be guessed from a leaked hash."""
+    result = run_cli("serve", LEDGER_ADMIN_KEY="fifteen-chars!!")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "ledger-service: LEDGER_ADMIN_KEY must be at least 16 characters, got 15\n"
+    assert Settings.from_env({"LEDGER_ADMIN_KEY": "sixteen-chars!!!"}).admin_key == "sixteen-chars!!!"
