@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import csv
-import io
+from datetime import datetime
 from typing import Annotated
 
 from litestar import Controller, Request, get
@@ -12,6 +11,7 @@ from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import Response
 
 from ledger_service.api import auth
+from ledger_service.api.csv_writer import csv_text
 from ledger_service.api.params import parse_choice, parse_limit, parse_time
 from ledger_service.api.problems import PROBLEMS
 from ledger_service.db.audit import USAGE_BUCKETS, USAGE_KEYS
@@ -99,10 +99,13 @@ class ReportsController(Controller):
         )
         if request.accept.best_match(["application/json", "text/csv"], default="application/json") != "text/csv":
             return Response(report)
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
-        for row in report.rows:
-            start = "" if row.bucket_start is None else row.bucket_start.isoformat().replace("+00:00", "Z")
-            writer.writerow([row.key, start, row.requests, row.prompt_tokens, row.completion_tokens, row.quota])
-        return Response(out.getvalue(), media_type="text/csv")
+        rows = (
+            (row.key, _utc(row.bucket_start), row.requests, row.prompt_tokens, row.completion_tokens, row.quota)
+            for row in report.rows
+        )
+        return Response(csv_text(CSV_COLUMNS, rows), media_type="text/csv")
+
+
+def _utc(instant: datetime | None) -> str | None:
+    """The same form as in JSON (`...Z`), so one report reads the same in both."""
+    return None if instant is None else instant.isoformat().replace("+00:00", "Z")
