@@ -59,6 +59,18 @@ async def list_keys(conn: AsyncConnection) -> list[ApiKeyView]:
     ]
 
 
+async def lock_active_admins(conn: AsyncConnection) -> list[int]:
+    """The ids of the active admin keys, locked until the transaction ends.
+
+    Every revocation takes these locks first (in id order, so never a deadlock), so revocations run one at a time:
+    two admins revoking each other's keys cannot both see the other key as the one that remains. The one that
+    waited re-reads the rows when the locks are released and no longer sees the key just revoked.
+    """
+    keys = tables.api_keys.c
+    statement = select(keys.id).where(keys.role == "admin", keys.revoked_at.is_(None)).order_by(keys.id)
+    return list((await conn.execute(statement.with_for_update())).scalars())
+
+
 async def revoke(conn: AsyncConnection, key_id: int) -> bool:
     """Revoke a key; False when no key has this id. Revoking twice is harmless."""
     result = await conn.execute(

@@ -107,6 +107,11 @@ class AlreadyReversed(Conflict):
     title = "The entry is already reversed"
 
 
+class LastAdminKey(Conflict):
+    code = "last_admin_key"
+    title = "This is the last active admin key"
+
+
 class Unavailable(LedgerError):
     code = "unavailable"
     status = 503

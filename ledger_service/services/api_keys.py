@@ -91,6 +91,10 @@ class ApiKeyService:
 
     async def revoke(self, key_id: int) -> None:
         async def work(conn: AsyncConnection) -> bool:
+            # Revoking the last active admin key would lock every admin out until someone with shell access runs
+            # `create-key`; the locks make the check and the revocation one step (db/api_keys.py).
+            if await api_keys.lock_active_admins(conn) == [key_id]:
+                raise errors.LastAdminKey(f"API key {key_id} is the last active admin key; create another first")
             return await api_keys.revoke(conn, key_id)
 
         if not await run_transaction(self.engine, work):
