@@ -30,6 +30,16 @@ class EntryKind(enum.StrEnum):
     REVERSAL = "reversal"
 
 
+ADMIN_ONLY_DETAILS = frozenset({"note"})
+"""`details` keys that hold an admin's free text (the `note` of a top-up, adjustment or reversal). Relays see a
+request's entries without them (GET /v1/holds/{id}); admins and auditors see everything. A refund's `reason` is
+not among them: the relay wrote it."""
+
+
+def without_admin_details(details: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in details.items() if key not in ADMIN_ONLY_DETAILS}
+
+
 class UnbalancedEntry(ValueError):
     """An entry whose postings do not sum to zero in some ledger (a bug in a posting rule)."""
 

@@ -29,6 +29,7 @@ from ledger_service.domain.entries import (
     allowance_postings,
     funding_postings,
     reversal_postings,
+    without_admin_details,
 )
 from ledger_service.domain.lifecycle import TokenState, body_of, fingerprint
 from ledger_service.domain.operations import Consume, Hold, Operation, Refund, Settle
@@ -209,12 +210,16 @@ class LedgerService:
 
     # Reads -----------------------------------------------------------------------------------------------------
 
-    async def hold(self, request_id: str) -> HoldDetailView:
+    async def hold(self, request_id: str, *, admin_details: bool = True) -> HoldDetailView:
+        """The hold and its request's entries; without admins' free text unless `admin_details` (a relay's view)."""
+
         async def work(conn: AsyncConnection) -> HoldDetailView:
             row = await requests.get(conn, request_id)
             if row is None:
                 raise errors.HoldNotFound(f"no hold with request_id {request_id!r}")
             entries = await journal.entries_of_request(conn, request_id)
+            if not admin_details:
+                entries = [msgspec.structs.replace(e, details=without_admin_details(e.details)) for e in entries]
             return HoldDetailView(**msgspec.structs.asdict(hold_view(row)), entries=entries)
 
         return await self._read(work)

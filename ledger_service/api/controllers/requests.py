@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from litestar import Controller, get, post
+from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from litestar.response import Response
@@ -44,8 +44,15 @@ class HoldController(Controller):
         responses=PROBLEMS,
         summary="A hold with every entry of its request",
     )
-    async def get_hold(self, request_id: FromPath[str], ledger: NamedDependency[LedgerService]) -> HoldDetailView:
-        return await ledger.hold(parse_key(request_id))
+    async def get_hold(
+        self,
+        request: Request,  # type: ignore[type-arg]
+        request_id: FromPath[str],
+        ledger: NamedDependency[LedgerService],
+    ) -> HoldDetailView:
+        # Any relay key may read any hold, so admins' notes (a reversal's `note`) are kept from relays.
+        relay = request.state.principal.role == auth.RELAY
+        return await ledger.hold(parse_key(request_id), admin_details=not relay)
 
     @post(
         "/{request_id:str}/settle",
