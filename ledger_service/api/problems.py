@@ -102,6 +102,11 @@ def handle_exception(request: Request[Any, Any, Any], error: Exception) -> Respo
         return problem(400, "validation_error", "Invalid request", _validation_detail(error))
     if isinstance(error, HTTPException):
         status = error.status_code
+        if status == 404 and b"%2f" in bytes(request.scope.get("raw_path") or b"").lower():
+            # The server decodes %2F before routing, so `/v1/holds/a%2Fb` looks for `/v1/holds/a/b` and finds no
+            # route; the caller sent a malformed path parameter, which is a 400 (docs/api.md, Field types).
+            detail = "a path parameter must not contain an encoded slash (%2F)"
+            return problem(400, "validation_error", "Invalid request", detail)
         if status >= 500:
             log.error("HTTP %s on %s %s: %s", status, request.method, request.url.path, error.detail)
         return problem(

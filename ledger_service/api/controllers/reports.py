@@ -12,6 +12,7 @@ from litestar.response import Response
 
 from ledger_service.api import auth
 from ledger_service.api.csv_writer import csv_text
+from ledger_service.api.negotiation import wants_csv
 from ledger_service.api.params import parse_choice, parse_limit, parse_time
 from ledger_service.api.problems import PROBLEMS
 from ledger_service.db.audit import USAGE_BUCKETS, USAGE_KEYS
@@ -97,7 +98,7 @@ class ReportsController(Controller):
             created_from=parse_time(created_from, "from"),
             created_to=parse_time(created_to, "to"),
         )
-        if request.accept.best_match(["application/json", "text/csv"], default="application/json") != "text/csv":
+        if not wants_csv(request.headers.get("accept")):
             return Response(report)
         rows = (
             (row.key, _utc(row.bucket_start), row.requests, row.prompt_tokens, row.completion_tokens, row.quota)
