@@ -54,6 +54,8 @@ class StrictBody(AbstractDTO[T]):
             command = msgspec.json.decode(value, type=self.model_type, strict=True)
         except (msgspec.ValidationError, msgspec.DecodeError) as error:
             raise errors.ValidationFailed(str(error)) from None
+        except UnicodeDecodeError:  # msgspec raises it, not a DecodeError, for a string that is not UTF-8
+            raise errors.ValidationFailed("the JSON body is not valid UTF-8") from None
         request_id = getattr(command, "request_id", None)
         if isinstance(request_id, str):
             bind_request_id(request_id)
