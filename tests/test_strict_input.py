@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from ledger_service.api.bodies import has_duplicate_keys
 from tests.support import LedgerClient, assert_problem, db_state
 from tests.test_validation import ENDPOINTS, SETTLE, Endpoint, assert_same_state, dumps, send, world
 
@@ -62,3 +63,87 @@ async def test_a_body_that_is_not_utf8_is_refused_on_every_route(world: LedgerCl
     response = await send(world, "POST", "/v1/topups", b'{"user_id": 1, "amount": 5, "reference": "caf\xe9"}', "admin")
     assert_problem(response, 400, "validation_error")
     assert "UTF-8" in response.json()["detail"]
+
+
+# Item 9: duplicate keys, repeated query parameters, a repeated Authorization header ------------------------------
+
+
+def with_duplicate(endpoint: Endpoint) -> bytes:
+    """The route's valid body with its first field written twice (same value: still two readings of one body)."""
+    field, value = next(iter(endpoint.body.items()))
+    return b"{" + dumps(field) + b": " + dumps(value) + b", " + dumps(endpoint.body)[1:]
+
+
+async def test_a_key_written_twice_is_refused_on_every_route(world: LedgerClient) -> None:
+    await refused_everywhere(world, {endpoint.name: with_duplicate(endpoint) for endpoint in BODY_ROUTES})
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"user_id": 1, "amount": 1, "amount": 1000, "reference": "dup"}',
+        b'{"user_id": 1, "amount": 1, "\\u0061mount": 1000, "reference": "dup"}',  # one key, spelt two ways
+        b'{"user_id": 1, "amount": 1, "reference": "dup", "note": "a\\nb", "note": "c"}',
+    ],
+)
+async def test_a_topup_naming_a_key_twice_posts_nothing(ledger: LedgerClient, body: bytes) -> None:
+    before = await db_state(ledger)
+    response = await send(ledger, "POST", "/v1/topups", body, "admin")
+    assert_problem(response, 400, "validation_error")
+    assert "twice" in response.json()["detail"]
+    assert_same_state(before, await db_state(ledger))
+
+
+async def test_a_batch_repeating_a_key_inside_an_operation_is_refused(world: LedgerClient) -> None:
+    settle = b'{"channel_id": 1, "channel_id": 2, "prompt_tokens": 1, "completion_tokens": 1}'
+    body = b'{"operations": [{"op": "settle", "request_id": "open-hold-1", "body": ' + settle + b"}]}"
+    before = await db_state(world)
+    assert_problem(await send(world, "POST", "/v1/batch", body, "relay"), 400, "validation_error")
+    assert_same_state(before, await db_state(world))
+    # The same keys in different objects are no duplicates: both operations are applied.
+    operations = [
+        {"op": "settle", "request_id": request_id, "body": SETTLE.body} for request_id in ("open-hold-1", "open-hold-2")
+    ]
+    response = await send(world, "POST", "/v1/batch", dumps({"operations": operations}), "relay")
+    assert response.status_code == 200, response.text
+    assert [result["status"] for result in response.json()["results"]] == [200, 200]
+
+
+async def test_a_repeated_query_parameter_is_refused(ledger: LedgerClient) -> None:
+    response = await ledger.get("/v1/entries?user_id=42&user_id=43", as_="auditor")
+    assert_problem(response, 400, "validation_error")
+    assert "repeated query parameters: user_id" in response.json()["detail"]
+    assert (await ledger.get("/v1/entries?user_id=42", as_="auditor")).status_code == 200
+
+
+async def test_a_repeated_authorization_header_is_refused(ledger: LedgerClient) -> None:
+    before = await db_state(ledger)
+    admin = ledger.headers("admin")["Authorization"]
+    for second in (admin, ledger.headers("auditor")["Authorization"]):
+        headers = [("Authorization", admin), ("Authorization", second)]
+        response = await ledger.client.post(
+            "/v1/topups", json={"user_id": 1, "amount": 5, "reference": "two-keys"}, headers=headers
+        )
+        assert_problem(response, 400, "validation_error")
+    assert_same_state(before, await db_state(ledger))
+
+
+@pytest.mark.parametrize(
+    ("body", "duplicate"),
+    [
+        (b'{"a": "x:y", "b": {"c": ":", "d": [":", {"e": 1}]}}', False),  # colons inside strings are no keys
+        (b'{"a" : 1 ,\n "b"\t:\r2}', False),
+        (b'{"a": 1, "b": {"a": 1}}', False),  # the same key in two objects
+        (b'[{"a": 1}, {"a": 2}]', False),
+        (b'{"k:": 1, "k": 2}', False),
+        (b'{"a": "\\u003a", "b": 1}', False),
+        (b'{"a": 1, "b": 2, "a": 3}', True),
+        (b'{"x": [{"a": 1, "a": 1}]}', True),
+        (b'{"a": "x:y", "a" :"x:y"}', True),
+        (b'{"a": 1, "\\u0061": 2}', True),
+        (b'{"\\u003a": 1, "\\u003a": 2}', True),
+        (b'{"a": 1e400, "b": 1.5, "c": 100000000000000000000000000000, "b": 2}', True),
+    ],
+)
+def test_duplicate_key_detection(body: bytes, duplicate: bool) -> None:
+    assert has_duplicate_keys(body) is duplicate

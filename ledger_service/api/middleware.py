@@ -133,14 +133,19 @@ async def admit_request(request: Request[Any, Any, Any]) -> None:
 
 
 async def check_request(request: Request[Any, Any, Any]) -> None:
-    """Before any parsing: refuse query parameters the route does not take (400), and bodies not sent as JSON (415).
+    """Before any parsing: refuse query parameters the route does not take or that are repeated (400), and bodies
+    not sent as JSON (415).
 
     Routes list the query parameters they take in `opt["query"]`; an unknown one is refused like an unknown field
     of a body, rather than silently ignored (a misspelt filter would otherwise widen an audit query unnoticed).
     """
-    unknown = set(request.query_params.keys()) - request.route_handler.opt.get("query", frozenset())
+    names = [name for name, _ in request.query_params.multi_items()]
+    unknown = set(names) - request.route_handler.opt.get("query", frozenset())
     if unknown:
         raise errors.ValidationFailed(f"unknown query parameters: {', '.join(sorted(unknown))}")
+    if len(names) != len(set(names)):  # `?user_id=42&user_id=43`: which one a hop reads is up to it
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        raise errors.ValidationFailed(f"repeated query parameters: {', '.join(repeated)}")
     if request.method not in _BODY_METHODS:
         return
     length = request.headers.get("content-length")
