@@ -4,9 +4,16 @@ nothing; none is a 500."""
 
 from __future__ import annotations
 
+import re
+import sys
+import unicodedata
+from typing import Any
+from urllib.parse import quote
+
 import pytest
 
 from ledger_service.api.bodies import has_duplicate_keys
+from ledger_service.domain.operations import INVISIBLE
 from tests.support import LedgerClient, assert_problem, db_state
 from tests.test_validation import ENDPOINTS, SETTLE, Endpoint, assert_same_state, dumps, send, world
 
@@ -147,3 +154,96 @@ async def test_a_repeated_authorization_header_is_refused(ledger: LedgerClient) 
 )
 def test_duplicate_key_detection(body: bytes, duplicate: bool) -> None:
     assert has_duplicate_keys(body) is duplicate
+
+
+# Item 5: invisible characters in names, broken percent-encoding in paths -----------------------------------------
+
+REFUSED_CATEGORIES = {"Cc", "Cf", "Zl", "Zp"}
+
+
+def test_the_invisible_class_covers_unicode_control_and_format_characters() -> None:
+    """Every Cc, Cf, Zl and Zp code point of this Python's Unicode is refused; every refused one is of those
+    categories, or unassigned here (the list follows a newer Unicode). A Unicode that adds a Cf fails this."""
+    invisible = re.compile(f"[{INVISIBLE}]")
+    missing, extra = [], []
+    for code in range(sys.maxunicode + 1):
+        char = chr(code)
+        category = unicodedata.category(char)
+        refused = invisible.match(char) is not None
+        if category in REFUSED_CATEGORIES and not refused:
+            missing.append(f"U+{code:04X}")
+        elif refused and category not in REFUSED_CATEGORIES | {"Cn"}:
+            extra.append(f"U+{code:04X} {category}")
+    assert (missing, extra) == ([], [])
+
+
+INVISIBLE_NAMES = {
+    "nel-U+0085": "gpt\u00854o",
+    "csi-U+009B": "gpt\u009b4o",
+    "rlo-U+202E": "gpt\u202e4o",
+    "zwsp-U+200B": "gpt\u200b4o",
+    "bom-U+FEFF": "\ufeffgpt-4o",
+    "soft-hyphen-U+00AD": "gpt\u00ad4o",
+    "tag-U+E0041": "gpt\U000e00414o",
+    "line-separator-U+2028": "gpt\u20284o",
+    "paragraph-separator-U+2029": "gpt\u20294o",
+    "tab": "gpt\t4o",
+}
+
+
+async def test_names_with_invisible_characters_are_refused(world: LedgerClient) -> None:
+    hold = {**world_bodies()["holds"], "request_id": "invisible-hold"}
+    consumption = {**world_bodies()["consumptions"], "request_id": "invisible-consumption"}
+    before = await db_state(world)
+    failures = []
+    for label, name in INVISIBLE_NAMES.items():
+        encoded = quote(name, safe="")
+        attempts = [
+            ("POST", "/v1/holds", {**hold, "model": name}, "relay"),
+            ("POST", "/v1/holds", {**hold, "group": name}, "relay"),
+            ("POST", "/v1/consumptions", {**consumption, "model": name}, "relay"),
+            ("POST", "/v1/api-keys", {"name": name, "role": "auditor"}, "admin"),
+            ("PUT", f"/v1/pricing/models/{encoded}", {"model_ratio": "1"}, "admin"),
+            ("PUT", f"/v1/pricing/groups/{encoded}", {"group_ratio": "1"}, "admin"),
+            (
+                "POST",
+                "/v1/batch",
+                {"operations": [{"op": "hold", "request_id": "b1", "body": {**hold, "model": name}}]},
+                "relay",
+            ),
+        ]
+        for method, path, body, role in attempts:
+            response = await send(world, method, path, dumps(body), role)
+            batch_refusal = (
+                path == "/v1/batch" and response.status_code == 200 and response.json()["results"][0]["status"] == 400
+            )
+            if not batch_refusal and (response.status_code != 400 or response.json().get("code") != "validation_error"):
+                failures.append(f"{label} {method} {path}: {response.status_code} {response.text[:150]}")
+    assert failures == []
+    assert_same_state(before, await db_state(world))
+
+
+def world_bodies() -> dict[str, dict[str, Any]]:
+    return {endpoint.name: endpoint.body for endpoint in ENDPOINTS}
+
+
+async def test_names_in_any_script_are_still_accepted(ledger: LedgerClient) -> None:
+    for name in ("модель-ü", "模型 v2", "gpt-4o (β)", "עברית", "e\u0301"):
+        response = await ledger.put(f"/v1/pricing/models/{quote(name, safe='')}", {"model_ratio": "1"}, as_="admin")
+        assert response.status_code == 201, response.text
+        assert name in (await ledger.get("/v1/pricing")).json()["models"]
+
+
+@pytest.mark.parametrize("raw", ["%E9", "%zz", "a%ZZb", "%", "a%4", "%C3", "%ED%A0%80", "%FF%FE"])
+async def test_broken_percent_encoding_in_a_path_is_refused(ledger: LedgerClient, raw: str) -> None:
+    before = await db_state(ledger)
+    for method, path, body, role in (
+        ("PUT", f"/v1/pricing/models/{raw}", {"model_ratio": "1"}, "admin"),
+        ("PUT", f"/v1/pricing/groups/{raw}", {"group_ratio": "1"}, "admin"),
+        ("GET", f"/v1/holds/{raw}", None, "relay"),
+        ("POST", f"/v1/holds/{raw}/refund", None, "relay"),
+        ("GET", f"/v1/accounts/{raw}", None, "auditor"),
+    ):
+        response = await send(ledger, method, path, None if body is None else dumps(body), role)
+        assert_problem(response, 400, "validation_error")
+    assert_same_state(before, await db_state(ledger))

@@ -7,11 +7,12 @@ from collections.abc import Collection
 from datetime import datetime
 
 from ledger_service.domain import errors
+from ledger_service.domain.operations import INVISIBLE
 from ledger_service.observability import bind_request_id
 from ledger_service.schemas import MAX_ID
 
 _KEY = re.compile(r"\A[A-Za-z0-9._:-]{1,128}\Z")
-_NAME = re.compile(r"\A[^\x00-\x1f\x7f]{1,200}\Z")
+_NAME = re.compile(rf"\A[^{INVISIBLE}]{{1,200}}\Z")
 _DIGITS = re.compile(r"\A[0-9]{1,19}\Z")
 
 
@@ -33,7 +34,9 @@ def parse_key(raw: str, name: str = "request_id") -> str:
 
 def parse_name(raw: str, name: str) -> str:
     if not _NAME.match(raw):
-        raise errors.ValidationFailed(f"{name} must be 1-200 printable characters")
+        raise errors.ValidationFailed(
+            f"{name} must be 1-200 characters, none of them control, format or line separators"
+        )
     return raw
 
 
