@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import sys
 import unicodedata
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import quote
 
@@ -247,3 +248,66 @@ async def test_broken_percent_encoding_in_a_path_is_refused(ledger: LedgerClient
         response = await send(ledger, method, path, None if body is None else dumps(body), role)
         assert_problem(response, 400, "validation_error")
     assert_same_state(before, await db_state(ledger))
+
+
+# Item 7: instants ------------------------------------------------------------------------------------------------
+
+INSTANT_ROUTES = [
+    ("/v1/entries", ("from", "to")),
+    ("/v1/reports/usage", ("from", "to")),
+    ("/v1/accounts/user:1", ("as_of",)),
+    ("/v1/reports/trial-balance", ("as_of",)),
+]
+BAD_INSTANTS = [
+    "0001-01-01T00:00:00+23:59",  # before year 1 in UTC
+    "9999-12-31T23:59:59-23:59",  # after year 9999 in UTC
+    "20260101T000000Z",  # ISO 8601 basic form
+    "2026-W01-1",  # week date
+    "2026-001T00:00:00Z",  # ordinal date
+    "2026-03-01",
+    "2026-03-01T00:00:00",  # no offset
+    "2026-03-01 00:00:00Z",
+    "2026-03-01T00:00Z",
+    "2026-03-01T00:00:00.1234567Z",
+    "2026-03-01T00:00:00+0100",
+    "2026-03-01T00:00:00+24:00",
+    "2026-02-30T00:00:00Z",
+    "2026-03-01T24:00:00Z",
+    "2026-03-01T00:00:60Z",
+    "２０２６-03-01T00:00:00Z",  # fullwidth digits
+    " 2026-03-01T00:00:00Z",
+]
+GOOD_INSTANTS = [
+    "2026-03-01T00:00:00Z",
+    "2026-03-01t01:00:00.5+01:00",
+    "2026-03-01T00:00:00.123456z",
+    "2026-02-28T20:00:00-04:00",
+    "0001-01-01T00:00:00Z",
+    "9999-12-31T23:59:59.999999Z",
+]
+
+
+async def test_instants_outside_rfc3339_or_utc_are_refused(ledger: LedgerClient) -> None:
+    failures = []
+    for path, names in INSTANT_ROUTES:
+        for name in names:
+            for instant in BAD_INSTANTS:
+                response = await ledger.get(f"{path}?{name}={quote(instant)}", as_="auditor")
+                if response.status_code != 400 or response.json().get("code") != "validation_error":
+                    failures.append(f"{path}?{name}={instant}: {response.status_code} {response.text[:120]}")
+            for instant in GOOD_INSTANTS:
+                response = await ledger.get(f"{path}?{name}={quote(instant)}", as_="auditor")
+                if response.status_code != 200:
+                    failures.append(f"{path}?{name}={instant} (valid): {response.status_code} {response.text[:120]}")
+    assert failures == [], "\n".join(failures)
+
+
+async def test_an_instant_with_an_offset_means_the_same_moment_in_utc(ledger: LedgerClient) -> None:
+    await ledger.fund(1, 100)
+    created = datetime.fromisoformat((await ledger.get("/v1/entries", as_="auditor")).json()["items"][0]["created_at"])
+    just_after = (created + timedelta(microseconds=1)).astimezone(timezone(timedelta(hours=-5)))
+    for name, expected in (("to", 1), ("from", 0)):
+        instant = just_after.isoformat(timespec="microseconds")
+        response = await ledger.get(f"/v1/entries?{name}={quote(instant)}", as_="auditor")
+        assert response.status_code == 200, response.text
+        assert len(response.json()["items"]) == expected, (name, instant)
