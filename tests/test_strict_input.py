@@ -311,3 +311,60 @@ async def test_an_instant_with_an_offset_means_the_same_moment_in_utc(ledger: Le
         response = await ledger.get(f"/v1/entries?{name}={quote(instant)}", as_="auditor")
         assert response.status_code == 200, response.text
         assert len(response.json()["items"]) == expected, (name, instant)
+
+
+# Item 8: ratios --------------------------------------------------------------------------------------------------
+
+LOOSE_RATIO_STRINGS = {
+    "underscore": "2_5",
+    "arabic-indic-digits": "\u0661\u0662",
+    "fullwidth-digit": "\uff12",
+    "spaces": " 2.5 ",
+    "trailing-newline": "2.5\n",
+    "plus-sign": "+2.5",
+    "leading-dot": ".5",
+    "trailing-dot": "5.",
+    "leading-zero": "02.5",
+    "hex": "0x10",
+    "bare-exponent": "1e",
+    "zero-huge-exponent-string": "0E+1000",
+}
+LOOSE_RATIO_LITERALS = {"zero-huge-exponent": b"0e99999999", "zero-exponent-1000": b"0E+1000"}
+RATIO_ROUTES = [
+    ("/v1/pricing/models/strict-model", {"model_ratio": "1"}, ("model_ratio", "completion_ratio", "model_price")),
+    ("/v1/pricing/groups/strict-group", {"group_ratio": "1"}, ("group_ratio",)),
+]
+
+
+async def test_ratios_outside_json_number_syntax_are_refused(ledger: LedgerClient) -> None:
+    before = await db_state(ledger)
+    failures = []
+    for path, base, fields in RATIO_ROUTES:
+        for field in fields:
+            bodies = {label: dumps({**base, field: text}) for label, text in LOOSE_RATIO_STRINGS.items()}
+            for label, literal in LOOSE_RATIO_LITERALS.items():
+                bodies[label] = dumps({**base, field: "__literal__"}).replace(b'"__literal__"', literal)
+            for label, body in bodies.items():
+                response = await send(ledger, "PUT", path, body, "admin")
+                if response.status_code != 400 or response.json().get("code") != "validation_error":
+                    failures.append(f"{path} {field} {label}: {response.status_code} {response.text[:120]}")
+    assert failures == [], "\n".join(failures)
+    assert_same_state(before, await db_state(ledger))
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        (b'"2.50"', "2.50"),
+        (b"2.50", "2.50"),
+        (b'"1e9"', "1E+9"),
+        (b"1E-30", "1E-30"),
+        (b'"0"', "0"),
+        (b"0.000001", "0.000001"),
+    ],
+)
+async def test_ratios_in_json_number_syntax_are_kept_exactly(ledger: LedgerClient, sent: bytes, kept: str) -> None:
+    body = b'{"group_ratio": ' + sent + b"}"
+    response = await send(ledger, "PUT", "/v1/pricing/groups/exact", body, "admin")
+    assert response.status_code == 201, response.text
+    assert response.json()["group_ratio"] == kept

@@ -13,6 +13,7 @@ plain `data: T` parameter.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -23,7 +24,7 @@ from litestar.typing import FieldDefinition
 
 from ledger_service.domain import errors
 from ledger_service.observability import bind_request_id
-from ledger_service.schemas import Command
+from ledger_service.schemas import RATIO_PATTERN, Command
 
 if TYPE_CHECKING:
     from litestar._openapi.schema_generation import SchemaCreator
@@ -68,6 +69,19 @@ def has_duplicate_keys(body: bytes) -> bool:
     return body.count(b":") > msgspec.json.encode(_UNTYPED.decode(body)).count(b":")
 
 
+_JSON_NUMBER = re.compile(RATIO_PATTERN)
+
+
+def check_number_strings(body: bytes, command: Command) -> None:
+    """Refuse a decimal field sent as a string that is not in JSON's number syntax. msgspec reads such a string
+    with Python's Decimal(), which also takes `2_5` (25), other scripts' digits and surrounding spaces."""
+    fields = _UNTYPED.decode(body)  # an object: the command decoded from it
+    for name in command.number_strings:
+        value = fields.get(name)
+        if isinstance(value, str) and not _JSON_NUMBER.match(value):
+            raise errors.ValidationFailed(f'{name} must be a JSON number, or a string holding one such as "2.5"')
+
+
 class StrictBody(AbstractDTO[T]):
     """The body of a request as the struct `T`, decoded strictly (400 `validation_error` otherwise). A body
     with a `request_id` binds it to the log lines of the call (observability.py)."""
@@ -91,6 +105,8 @@ class StrictBody(AbstractDTO[T]):
             raise errors.ValidationFailed("the JSON body is not valid UTF-8") from None
         if has_duplicate_keys(value):
             raise errors.ValidationFailed("the JSON body names a key twice in one object")
+        if isinstance(command, Command) and command.number_strings:  # the pricing bodies only: off the hot path
+            check_number_strings(value, command)
         request_id = getattr(command, "request_id", None)
         if isinstance(request_id, str):
             bind_request_id(request_id)

@@ -12,7 +12,7 @@ type says what it is, so nothing repeats it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import msgspec
 from msgspec import Meta
@@ -65,6 +65,9 @@ ExpiresIn = Annotated[int, Meta(ge=1, le=86400, description="Seconds until the h
 
 class Command(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Base of every request body: unknown fields are an error, not silently dropped."""
+
+    number_strings: ClassVar[tuple[str, ...]] = ()
+    """Decimal fields that may come as strings: such a string must hold JSON's number syntax (api/bodies.py)."""
 
 
 class HoldCommand(Command):
