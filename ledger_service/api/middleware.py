@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -148,7 +149,7 @@ async def check_request(request: Request[Any, Any, Any]) -> None:
     if unknown:
         raise errors.ValidationFailed(f"unknown query parameters: {', '.join(sorted(unknown))}")
     if len(names) != len(set(names)):  # `?user_id=42&user_id=43`: which one a hop reads is up to it
-        repeated = sorted({name for name in names if names.count(name) > 1})
+        repeated = sorted(name for name, count in Counter(names).items() if count > 1)
         raise errors.ValidationFailed(f"repeated query parameters: {', '.join(repeated)}")
     if request.method not in _BODY_METHODS:
         return
