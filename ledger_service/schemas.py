@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 from msgspec import Meta
@@ -32,7 +32,15 @@ from ledger_service.domain.pricing import MAX_AMOUNT, check_ratio
 
 PositiveAmount = Annotated[int, Meta(ge=1, le=MAX_AMOUNT, description="An amount, 1..10^15.")]
 SignedAmount = Annotated[int, Meta(ge=-MAX_AMOUNT, le=MAX_AMOUNT, description="A signed amount, not 0.")]
-Ratio = Annotated[Decimal, Meta(description="A decimal ratio, as a JSON number or string; kept exactly.")]
+RATIO_PATTERN = r"\A-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z"
+"""JSON's number syntax (RFC 8259 section 6), which a ratio sent as a string must follow too."""
+Ratio = Annotated[
+    Decimal,
+    Meta(
+        description="A decimal ratio, as a JSON number or a string in JSON number syntax; kept exactly.",
+        extra_json_schema={"extra": {"pattern": RATIO_PATTERN}},
+    ),
+]
 Role = Literal["admin", "relay", "auditor"]
 
 # The lifecycle's commands and value types are the domain's (domain/operations.py); named here for the API.
@@ -93,6 +101,7 @@ class ReverseCommand(Command):
 
 
 class ModelPriceCommand(Command):
+    number_strings: ClassVar[tuple[str, ...]] = ("model_ratio", "completion_ratio", "model_price")
     model_ratio: Ratio | None = None
     completion_ratio: Ratio = Decimal(1)
     model_price: Ratio | None = None
@@ -108,6 +117,7 @@ class ModelPriceCommand(Command):
 
 
 class GroupRatioCommand(Command):
+    number_strings: ClassVar[tuple[str, ...]] = ("group_ratio",)
     group_ratio: Ratio
 
     def __post_init__(self) -> None:

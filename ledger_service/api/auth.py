@@ -41,6 +41,9 @@ def bearer_secret(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
 
 async def require_role(request: Request[Any, Any, Any]) -> None:
     """Authenticate the bearer key (401), apply its rate limit (429), and admit its role to the route (403)."""
+    if len(request.headers.getall("authorization", [])) > 1:
+        # Which one counts would be up to each hop (a proxy may check the first, the service read another).
+        raise errors.ValidationFailed("send one Authorization header")
     secret = bearer_secret(request)
     if secret is None:
         raise errors.Unauthorized("send Authorization: Bearer <API key>")

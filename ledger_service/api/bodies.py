@@ -12,6 +12,8 @@ plain `data: T` parameter.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,7 +24,7 @@ from litestar.typing import FieldDefinition
 
 from ledger_service.domain import errors
 from ledger_service.observability import bind_request_id
-from ledger_service.schemas import Command
+from ledger_service.schemas import RATIO_PATTERN, Command
 
 if TYPE_CHECKING:
     from litestar._openapi.schema_generation import SchemaCreator
@@ -33,6 +35,51 @@ T = TypeVar("T")
 
 _JSON_WHITESPACE = b" \t\r\n"
 """RFC 8259's whitespace: bytes.strip() with no argument would also take a form feed or a vertical tab."""
+
+_UNTYPED = msgspec.json.Decoder(float_hook=str)
+"""Any valid JSON as builtins; numbers as strings or ints, so none is out of range."""
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicate(pairs: list[tuple[str, Any]]) -> None:
+    if len({key for key, _ in pairs}) != len(pairs):
+        raise _DuplicateKey
+    # The decoded value is not needed: None keeps the exact check as cheap as it can be.
+
+
+def has_duplicate_keys(body: bytes) -> bool:
+    """Whether an object in `body`, valid JSON, names a key twice. msgspec keeps the last value; a proxy or a
+    signer in front of the service may take the first, so such a body means two things and is refused.
+
+    Every key is followed by a colon, and no colon outside a string is anything else. Decoded, an object holds
+    each key once; encoded again, it writes each once, and every string as it was. So the body repeats a key
+    exactly when it has more colons than its re-encoding: two passes in C, no walk in Python. A `\\u` escape
+    could write a colon (`\\u003a`) that the raw count misses, so such a body gets an exact check instead
+    (stdlib json, slower; escapes are rare in these bodies).
+    """
+    if b"\\u" in body:
+        try:
+            json.loads(body, object_pairs_hook=_refuse_duplicate, parse_int=str, parse_float=str, parse_constant=str)
+        except _DuplicateKey:
+            return True
+        return False
+    return body.count(b":") > msgspec.json.encode(_UNTYPED.decode(body)).count(b":")
+
+
+_JSON_NUMBER = re.compile(RATIO_PATTERN)
+
+
+def check_number_strings(body: bytes, command: Command) -> None:
+    """Refuse a decimal field sent as a string that is not in JSON's number syntax. msgspec reads such a string
+    with Python's Decimal(), which also takes `2_5` (25), other scripts' digits and surrounding spaces."""
+    fields = _UNTYPED.decode(body)  # an object: the command decoded from it
+    for name in command.number_strings:
+        value = fields.get(name)
+        if isinstance(value, str) and not _JSON_NUMBER.match(value):
+            raise errors.ValidationFailed(f'{name} must be a JSON number, or a string holding one such as "2.5"')
 
 
 class StrictBody(AbstractDTO[T]):
@@ -54,6 +101,12 @@ class StrictBody(AbstractDTO[T]):
             command = msgspec.json.decode(value, type=self.model_type, strict=True)
         except (msgspec.ValidationError, msgspec.DecodeError) as error:
             raise errors.ValidationFailed(str(error)) from None
+        except UnicodeDecodeError:  # msgspec raises it, not a DecodeError, for a string that is not UTF-8
+            raise errors.ValidationFailed("the JSON body is not valid UTF-8") from None
+        if has_duplicate_keys(value):
+            raise errors.ValidationFailed("the JSON body names a key twice in one object")
+        if isinstance(command, Command) and command.number_strings:  # the pricing bodies only: off the hot path
+            check_number_strings(value, command)
         request_id = getattr(command, "request_id", None)
         if isinstance(request_id, str):
             bind_request_id(request_id)

@@ -3,8 +3,11 @@ hook: the key check (api/auth.py), then unknown query parameters and non-JSON bo
 
 from __future__ import annotations
 
+import re
 import time
+from collections import Counter
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from litestar import Request
 from litestar.enums import ScopeType
@@ -19,6 +22,7 @@ from ledger_service.observability import HTTP_METHODS, log_request, request_id_v
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _APP_NAME = "ledger"
 _UNMEASURED = frozenset({"/metrics"})
+_BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
 
 class _RouteMetrics:
@@ -133,14 +137,20 @@ async def admit_request(request: Request[Any, Any, Any]) -> None:
 
 
 async def check_request(request: Request[Any, Any, Any]) -> None:
-    """Before any parsing: refuse query parameters the route does not take (400), and bodies not sent as JSON (415).
+    """Before any parsing: refuse query parameters the route does not take or that are repeated (400), and bodies
+    not sent as JSON (415).
 
     Routes list the query parameters they take in `opt["query"]`; an unknown one is refused like an unknown field
     of a body, rather than silently ignored (a misspelt filter would otherwise widen an audit query unnoticed).
     """
-    unknown = set(request.query_params.keys()) - request.route_handler.opt.get("query", frozenset())
+    check_path_encoding(request.scope.get("raw_path") or b"")
+    names = [name for name, _ in request.query_params.multi_items()]
+    unknown = set(names) - request.route_handler.opt.get("query", frozenset())
     if unknown:
         raise errors.ValidationFailed(f"unknown query parameters: {', '.join(sorted(unknown))}")
+    if len(names) != len(set(names)):  # `?user_id=42&user_id=43`: which one a hop reads is up to it
+        repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+        raise errors.ValidationFailed(f"repeated query parameters: {', '.join(repeated)}")
     if request.method not in _BODY_METHODS:
         return
     length = request.headers.get("content-length")
@@ -153,3 +163,17 @@ async def check_request(request: Request[Any, Any, Any]) -> None:
     raise errors.UnsupportedMediaType(
         f"the body was sent as {media_type or 'no content type'}; send JSON with Content-Type: application/json"
     )
+
+
+def check_path_encoding(raw_path: bytes) -> None:
+    """Refuse a path whose percent-encoding is broken (`%zz`) or does not encode UTF-8 (`%E9`): the server decodes
+    such a path anyway, leaving `%zz` as it is and turning `%E9` into U+FFFD, so a path parameter would be a name
+    nobody sent."""
+    if b"%" not in raw_path:
+        return
+    try:
+        if _BAD_PERCENT.search(raw_path):
+            raise ValueError
+        unquote_to_bytes(raw_path).decode("utf-8")
+    except ValueError:  # UnicodeDecodeError is one
+        raise errors.ValidationFailed("the path's percent-encoding is not valid UTF-8 (%XX escapes)") from None

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
-from datetime import datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 from ledger_service.domain import errors
+from ledger_service.domain.operations import INVISIBLE
 from ledger_service.observability import bind_request_id
 from ledger_service.schemas import MAX_ID
 
 _KEY = re.compile(r"\A[A-Za-z0-9._:-]{1,128}\Z")
-_NAME = re.compile(r"\A[^\x00-\x1f\x7f]{1,200}\Z")
+_NAME = re.compile(rf"\A[^{INVISIBLE}]{{1,200}}\Z")
 _DIGITS = re.compile(r"\A[0-9]{1,19}\Z")
+INSTANT_PATTERN = (
+    r"\A([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,6}))?"
+    r"(?:[Zz]|([+-])([01][0-9]|2[0-3]):([0-5][0-9]))\Z"
+)
+_INSTANT = re.compile(INSTANT_PATTERN)
+"""RFC 3339's date-time (section 5.6), its T and Z in either case, at most microseconds (the database's precision).
+Not the space separator its note allows: in a query string a space is also what an unescaped `+` becomes."""
 
 
 def parse_id(raw: str, name: str) -> int:
@@ -33,7 +41,9 @@ def parse_key(raw: str, name: str = "request_id") -> str:
 
 def parse_name(raw: str, name: str) -> str:
     if not _NAME.match(raw):
-        raise errors.ValidationFailed(f"{name} must be 1-200 printable characters")
+        raise errors.ValidationFailed(
+            f"{name} must be 1-200 characters, none of them control, format or line separators"
+        )
     return raw
 
 
@@ -46,16 +56,38 @@ def parse_limit(raw: str | None, *, default: int = 100, maximum: int = 1000) -> 
 
 
 def parse_time(raw: str | None, name: str) -> datetime | None:
-    """An RFC 3339 timestamp with its offset (`2026-03-01T00:00:00Z`); naive times are refused."""
+    """An RFC 3339 date-time with its offset (`2026-03-01T00:00:00Z`), as an aware datetime in UTC.
+
+    Only RFC 3339's own syntax: `datetime.fromisoformat` would also take ISO 8601's basic and week forms
+    (`20260101T000000Z`, `2026-W01-1`). An instant that UTC cannot hold (`0001-01-01T00:00:00+23:59`) is refused
+    here, not when the query meets it.
+    """
     if raw is None:
         return None
+    match = _INSTANT.match(raw)
+    if match is None:
+        raise errors.ValidationFailed(
+            f"{name} must be an RFC 3339 timestamp with an offset, such as 2026-03-01T00:00:00Z"
+            " (YYYY-MM-DDTHH:MM:SS[.ffffff] then Z or +hh:mm/-hh:mm)"
+        )
+    year, month, day, hour, minute, second, fraction, sign, offset_hours, offset_minutes = match.groups()
+    offset = timedelta(hours=int(offset_hours or 0), minutes=int(offset_minutes or 0))
     try:
-        value = datetime.fromisoformat(raw)
-    except ValueError:
-        raise errors.ValidationFailed(f"{name} must be an RFC 3339 timestamp such as 2026-03-01T00:00:00Z") from None
-    if value.tzinfo is None:
-        raise errors.ValidationFailed(f"{name} must carry a UTC offset (Z or +hh:mm)")
-    return value
+        value = datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour),
+            int(minute),
+            int(second),
+            int((fraction or "").ljust(6, "0")),
+            tzinfo=timezone(-offset if sign == "-" else offset),
+        )
+        return value.astimezone(UTC)
+    except (ValueError, OverflowError):  # 2026-02-30, hour 24, or an instant before year 1 or after 9999 in UTC
+        raise errors.ValidationFailed(
+            f"{name} is no date and time, or not one between years 1 and 9999 in UTC"
+        ) from None
 
 
 def parse_choice(raw: str | None, name: str, choices: Collection[str], *, default: str | None = None) -> str:

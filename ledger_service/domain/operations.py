@@ -12,7 +12,7 @@ type says what it is, so nothing repeats it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import msgspec
 from msgspec import Meta
@@ -32,13 +32,24 @@ Key = Annotated[
         description="An idempotency key: 1-128 characters of A-Z a-z 0-9 . _ : -",
     ),
 ]
+INVISIBLE = (
+    r"\x00-\x1f\x7f-\x9f"  # Cc: C0, DEL, C1
+    r"\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
+    r"\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
+    r"\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f"  # Cf: bidi controls, zero-width characters, BOM...
+    r"\u2028\u2029"  # Zl, Zp: they break lines
+)
+"""The characters no name may hold, as the inside of a regex character class: Unicode's Cc and Cf (Python's `re`
+has no `\\p{..}`), U+2028 and U+2029. Invisible or line-breaking, they would make two names look alike in a
+report or a CSV cell, or reorder its text. tests/test_strict_input.py checks the list against unicodedata."""
+
 Name = Annotated[
     str,
     Meta(
         min_length=1,
         max_length=200,
-        pattern=r"\A[^\x00-\x1f\x7f]+\Z",
-        description="1-200 printable characters.",
+        pattern=rf"\A[^{INVISIBLE}]+\Z",
+        description="1-200 characters; no control (Cc), format (Cf: zero-width, bidi, BOM) or line separators.",
     ),
 ]
 Note = Annotated[
@@ -54,6 +65,9 @@ ExpiresIn = Annotated[int, Meta(ge=1, le=86400, description="Seconds until the h
 
 class Command(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Base of every request body: unknown fields are an error, not silently dropped."""
+
+    number_strings: ClassVar[tuple[str, ...]] = ()
+    """Decimal fields that may come as strings: such a string must hold JSON's number syntax (api/bodies.py)."""
 
 
 class HoldCommand(Command):

@@ -59,6 +59,9 @@ def check_ratio(value: Decimal, name: str) -> Decimal:
     exponent = value.as_tuple().exponent
     if len(value.as_tuple().digits) > MAX_RATIO_DIGITS or (isinstance(exponent, int) and exponent < -MAX_RATIO_DIGITS):
         raise ValueError(f"{name} may have at most {MAX_RATIO_DIGITS} digits and {MAX_RATIO_DIGITS} decimal places")
+    if isinstance(exponent, int) and exponent > MAX_RATIO.adjusted():
+        # Only a zero gets here (0e99999999): in range, but its exponent is more than arithmetic or NUMERIC take.
+        raise ValueError(f"{name} must not have an exponent above {MAX_RATIO.adjusted()}")
     return value
 
 

@@ -12,6 +12,7 @@ from litestar.response import Response
 from ledger_service.api import auth
 from ledger_service.api.controllers.responses import respond
 from ledger_service.api.params import (
+    INSTANT_PATTERN,
     parse_choice,
     parse_id,
     parse_key,
@@ -48,8 +49,8 @@ class EntryController(Controller):
         token_id: FromQuery[str | None] = None,
         channel_id: FromQuery[str | None] = None,
         kind: FromQuery[str | None] = None,
-        created_from: Annotated[str | None, QueryParameter(name="from")] = None,
-        created_to: Annotated[str | None, QueryParameter(name="to")] = None,
+        created_from: Annotated[str | None, QueryParameter(name="from", pattern=INSTANT_PATTERN)] = None,
+        created_to: Annotated[str | None, QueryParameter(name="to", pattern=INSTANT_PATTERN)] = None,
         cursor: FromQuery[str | None] = None,
         limit: FromQuery[str | None] = None,
     ) -> EntryPageView:

@@ -13,7 +13,7 @@ from litestar.response import Response
 from ledger_service.api import auth
 from ledger_service.api.csv_writer import csv_text
 from ledger_service.api.negotiation import wants_csv
-from ledger_service.api.params import parse_choice, parse_limit, parse_time
+from ledger_service.api.params import INSTANT_PATTERN, parse_choice, parse_limit, parse_time
 from ledger_service.api.problems import PROBLEMS
 from ledger_service.db.audit import USAGE_BUCKETS, USAGE_KEYS
 from ledger_service.schemas import AccountView, ReconciliationView, StatementPageView, TrialBalanceView, UsageReportView
@@ -33,7 +33,10 @@ class AccountsController(Controller):
         summary="An account's balances, now or at a past instant",
     )
     async def account(
-        self, address: FromPath[str], audit: NamedDependency[AuditService], as_of: FromQuery[str | None] = None
+        self,
+        address: FromPath[str],
+        audit: NamedDependency[AuditService],
+        as_of: Annotated[str | None, QueryParameter(pattern=INSTANT_PATTERN)] = None,
     ) -> AccountView:
         return await audit.account(address, as_of=parse_time(as_of, "as_of"))
 
@@ -64,7 +67,9 @@ class ReportsController(Controller):
         summary="Per ledger: the total (zero) and sums by kind",
     )
     async def trial_balance(
-        self, audit: NamedDependency[AuditService], as_of: FromQuery[str | None] = None
+        self,
+        audit: NamedDependency[AuditService],
+        as_of: Annotated[str | None, QueryParameter(pattern=INSTANT_PATTERN)] = None,
     ) -> TrialBalanceView:
         return await audit.trial_balance(as_of=parse_time(as_of, "as_of"))
 
@@ -89,8 +94,8 @@ class ReportsController(Controller):
         audit: NamedDependency[AuditService],
         group_by: FromQuery[str | None] = None,
         bucket: FromQuery[str | None] = None,
-        created_from: Annotated[str | None, QueryParameter(name="from")] = None,
-        created_to: Annotated[str | None, QueryParameter(name="to")] = None,
+        created_from: Annotated[str | None, QueryParameter(name="from", pattern=INSTANT_PATTERN)] = None,
+        created_to: Annotated[str | None, QueryParameter(name="to", pattern=INSTANT_PATTERN)] = None,
     ) -> Response[UsageReportView] | Response[str]:
         report = await audit.usage(
             group_by=parse_choice(group_by, "group_by", USAGE_KEYS, default="channel"),
