@@ -138,6 +138,10 @@ class Settings:
     background_tasks: bool = True
     """LEDGER_BACKGROUND_TASKS: run the snapshotter and the expiry sweeper in this process (default true)."""
 
+    heavy_reports: int = 1
+    """LEDGER_HEAVY_REPORTS: whole-journal reports (reconciliation, usage, trial balance `as_of`) each process runs
+    at once, on as many connections of their own; one more is refused at once with 429 `busy` (default 1)."""
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read every LEDGER_* variable; raise SettingsError naming the first bad one."""
@@ -164,4 +168,5 @@ class Settings:
             rate_limit_burst=_int(env, "LEDGER_RATE_LIMIT_BURST", 0, minimum=0, maximum=10**6),
             log_format=_choice(env, "LEDGER_LOG_FORMAT", "json", ("json", "text")),
             background_tasks=_bool(env, "LEDGER_BACKGROUND_TASKS", True),
+            heavy_reports=_int(env, "LEDGER_HEAVY_REPORTS", 1, minimum=1, maximum=64),
         )

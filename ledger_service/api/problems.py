@@ -49,7 +49,9 @@ PROBLEMS: dict[int, ResponseSpec] = {
     409: _problem_response("Conflicts with the current state or an earlier use of the idempotency key"),
     413: _problem_response("The body is larger than LEDGER_MAX_BODY_BYTES"),
     415: _problem_response("The body is not declared as JSON"),
-    429: _problem_response("This API key is over its rate limit; see Retry-After"),
+    429: _problem_response(
+        "Over the key's rate limit (rate_limited), or too many heavy reports at once (busy); see Retry-After"
+    ),
     503: _problem_response("The database is unavailable or busy; retry after Retry-After"),
 }
 """Every problem a /v1 route can answer with, for the OpenAPI schema."""
