@@ -94,7 +94,18 @@ def _validation_detail(error: ValidationException) -> str:
     return "; ".join(parts) or str(error.detail)
 
 
+CLIENT_GONE = "ledger_client_gone"
+"""Set in a request's scope state when the client hung up while the request was read (api/middleware.py)."""
+
+CLIENT_CLOSED_REQUEST = 499
+"""nginx's status for a client that closed the connection before it was answered: no one reads the answer, and
+it is the client's doing, not the service's (a 500 would page the "500 = a bug" alarm)."""
+
+
 def handle_exception(request: Request[Any, Any, Any], error: Exception) -> Response[ProblemView]:
+    if request.scope.get("state", {}).get(CLIENT_GONE):  # Litestar reports the hang-up as a 500 HTTPException
+        log.info("client closed the connection during %s %s", request.method, request.url.path)
+        return problem(CLIENT_CLOSED_REQUEST, "client_closed_request", "Client closed request", "the client hung up")
     if isinstance(error, LedgerError):
         return problem(error.status, error.code, error.title, error.detail, error.headers)
     if isinstance(error, RecursionError):
