@@ -9,9 +9,11 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import event
 
 from ledger_service.db import reconciliation
-from ledger_service.services.audit import HeavyReads
+from ledger_service.db.engine import create_engine
+from ledger_service.services.audit import AuditService, HeavyReads
 from ledger_service.settings import Settings
 from tests.support import ADMIN_SECRET, LedgerClient
 
@@ -108,3 +110,18 @@ async def test_the_slot_is_released_when_the_report_is_cancelled() -> None:
         await running
     async with heavy.slot():  # would raise Busy had the cancelled report kept it
         pass
+
+
+async def test_a_clean_reconciliation_scans_once_per_check(database_url: str) -> None:
+    """Each check counts its offenders, then lists the first few: with none to list, the listing (another scan
+    of the whole journal) is skipped."""
+    engine = create_engine(database_url, pool_size=1)
+    statements: list[str] = []
+    event.listen(engine.sync_engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    try:
+        report = await AuditService(engine, sweep_interval_seconds=5).reconcile()
+    finally:
+        await engine.dispose()
+    assert report.ok
+    assert [s for s in statements if "SELECT count(*) FROM (" in s]
+    assert not [s for s in statements if f"LIMIT {reconciliation.OFFENDER_LIMIT}" in s]
