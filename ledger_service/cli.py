@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import shutil
@@ -13,7 +14,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from types import FrameType
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -44,11 +45,13 @@ def _raise_stopped(signum: int, frame: FrameType | None) -> None:
     raise Stopped(signum)
 
 
-def _run_with_engine(url: str, settings: Settings, job: Callable[..., Awaitable[T]]) -> T:
+def _run_with_engine(
+    url: str, settings: Settings, job: Callable[..., Awaitable[T]], *, command_timeout: float | None = 60
+) -> T:
     from ledger_service.db.engine import create_engine
 
     async def main() -> T:
-        engine = create_engine(url, pool_size=2)
+        engine = create_engine(url, pool_size=2, command_timeout=command_timeout)
         try:
             return await job(engine)
         finally:
@@ -70,6 +73,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def _serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
 
+    from ledger_service.api.server import ReadTimeoutProtocol
+
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
     with database_url(settings.database_url, settings.data_dir) as url:
@@ -86,7 +91,14 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
                 port=port,
                 workers=settings.workers,
                 loop="uvloop",
-                http="httptools",
+                # httptools with a deadline for reading each request (api/server.py); the partial is what uvicorn
+                # calls with its usual arguments, and pickles for the worker processes.
+                http=cast(
+                    "type[asyncio.Protocol]",
+                    functools.partial(ReadTimeoutProtocol, read_timeout=settings.read_timeout_seconds),
+                ),
+                timeout_keep_alive=settings.keep_alive_seconds,
+                limit_concurrency=settings.max_connections,
                 log_level="info",
                 log_config=None,  # ours (configure_logging): JSON lines, secrets redacted
                 access_log=False,  # ours (api/middleware.py) names the route and the key
@@ -159,7 +171,9 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         return await AuditService(engine, sweep_interval_seconds=settings.sweep_interval_seconds).reconcile(progress)
 
     with database_url(settings.database_url, settings.data_dir) as url:
-        report = _run_with_engine(url, settings, run)
+        # Unbounded statements: on a journal of a million requests, recomputing the snapshots alone runs past the
+        # service's 60 s, and an operator who asked for the check wants its answer, not a timeout.
+        report = _run_with_engine(url, settings, run, command_timeout=None)
     print(render_reconciliation(report))
     return 0 if report.ok else 1
 

@@ -150,6 +150,21 @@ class Settings:
     background_tasks: bool = True
     """LEDGER_BACKGROUND_TASKS: run the snapshotter and the expiry sweeper in this process (default true)."""
 
+    read_timeout_seconds: int = 15
+    """LEDGER_READ_TIMEOUT_SECONDS: `serve` closes a connection that has not sent a whole request (headers and
+    body) this long after connecting or starting the request (default 15)."""
+
+    keep_alive_seconds: int = 5
+    """LEDGER_KEEP_ALIVE_SECONDS: `serve` closes a connection idle this long after its last response (default 5)."""
+
+    max_connections: int = 1000
+    """LEDGER_MAX_CONNECTIONS: open connections each `serve` worker takes requests from; a request on any
+    connection beyond them gets uvicorn's plain 503 (default 1000)."""
+
+    heavy_reports: int = 1
+    """LEDGER_HEAVY_REPORTS: whole-journal reports (reconciliation, usage, trial balance `as_of`) each process runs
+    at once, on as many connections of their own; one more is refused at once with 429 `busy` (default 1)."""
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read every LEDGER_* variable; raise SettingsError naming the first bad one."""
@@ -176,4 +191,8 @@ class Settings:
             rate_limit_burst=_int(env, "LEDGER_RATE_LIMIT_BURST", 0, minimum=0, maximum=10**6),
             log_format=_choice(env, "LEDGER_LOG_FORMAT", "json", ("json", "text")),
             background_tasks=_bool(env, "LEDGER_BACKGROUND_TASKS", True),
+            read_timeout_seconds=_int(env, "LEDGER_READ_TIMEOUT_SECONDS", 15, minimum=1, maximum=3600),
+            keep_alive_seconds=_int(env, "LEDGER_KEEP_ALIVE_SECONDS", 5, minimum=1, maximum=3600),
+            max_connections=_int(env, "LEDGER_MAX_CONNECTIONS", 1000, minimum=1, maximum=100_000),
+            heavy_reports=_int(env, "LEDGER_HEAVY_REPORTS", 1, minimum=1, maximum=64),
         )

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -191,3 +192,26 @@ def test_a_short_admin_key_is_refused_at_start() -> None:
     assert result.returncode == 2, result.stderr
     assert result.stderr == "ledger-service: LEDGER_ADMIN_KEY must be at least 16 characters, got 15\n"
     assert Settings.from_env({"LEDGER_ADMIN_KEY": "sixteen-chars!!!"}).admin_key == "sixteen-chars!!!"
+
+
+async def test_reconcile_statements_are_not_cut_off_at_the_services_60_s(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a journal of a million requests one check's statement runs past 60 s; by hand, the check must finish."""
+    import argparse
+
+    from ledger_service import cli
+    from ledger_service.db import engine as engine_module
+    from ledger_service.settings import Settings
+
+    timeouts: list[float | None] = []
+    create_engine = engine_module.create_engine
+
+    def recording(url: str, **options: Any) -> Any:
+        timeouts.append(options.get("command_timeout", 60))
+        return create_engine(url, **options)
+
+    monkeypatch.setattr(engine_module, "create_engine", recording)
+    status = await asyncio.to_thread(cli.cmd_reconcile, argparse.Namespace(), Settings(database_url=database_url))
+    assert status == 0, capsys.readouterr()
+    assert timeouts == [None]

@@ -32,7 +32,7 @@ from ledger_service.db.engine import create_engine
 from ledger_service.db.lifecycle import SeenBalances, create_pool
 from ledger_service.observability import configure_logging
 from ledger_service.services.api_keys import ApiKeyService
-from ledger_service.services.audit import AuditService
+from ledger_service.services.audit import AuditService, HeavyReads
 from ledger_service.services.batch import BatchService
 from ledger_service.services.housekeeping import Housekeeping
 from ledger_service.services.ledger import LedgerService
@@ -140,7 +140,12 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
         seen = SeenBalances()
         lifecycle_pool = await create_pool(settings.database_url, size=settings.pool_size, on_connect=seen.forget)
         lifecycle = LifecycleService(lifecycle_pool, settings, seen)
-        audit = AuditService(engine, sweep_interval_seconds=settings.sweep_interval_seconds)
+        # The whole-journal reports get connections of their own: they never take the shared pool's (services/audit.py).
+        reports_engine = create_engine(
+            settings.database_url, pool_size=settings.heavy_reports, application_name="ledger-service-reports"
+        )
+        heavy = HeavyReads(reports_engine, settings.heavy_reports)
+        audit = AuditService(engine, sweep_interval_seconds=settings.sweep_interval_seconds, heavy=heavy)
         state = app.state
         state.engine = engine
         state.ledger = LedgerService(engine, settings, lifecycle)
@@ -164,6 +169,7 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
             await housekeeping.stop()
             await lifecycle_pool.close()
             await engine.dispose()
+            await reports_engine.dispose()
 
     return lifespan
 

@@ -11,11 +11,12 @@ from urllib.parse import unquote_to_bytes
 
 from litestar import Request
 from litestar.enums import ScopeType
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
 from prometheus_client import Gauge
 
 from ledger_service import metrics
 from ledger_service.api.auth import require_role
+from ledger_service.api.problems import CLIENT_GONE
 from ledger_service.domain import errors
 from ledger_service.observability import HTTP_METHODS, log_request, request_id_var
 
@@ -89,9 +90,17 @@ def access_log_middleware(app: ASGIApp) -> ASGIApp:
                 gauge = _in_progress[(method, route)] = metrics.HTTP_IN_PROGRESS.labels(_APP_NAME, method, route)
             gauge.inc()
 
+        state = scope["state"]
+
+        async def receiving() -> ReceiveMessage:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                state[CLIENT_GONE] = True  # the hang-up Litestar raises as a 500 is answered 499 (api/problems.py)
+            return message
+
         response = _ResponseStatus(send)
         try:
-            await app(scope, receive, response)
+            await app(scope, receiving, response)
         finally:
             if gauge is not None:
                 gauge.dec()

@@ -49,7 +49,9 @@ PROBLEMS: dict[int, ResponseSpec] = {
     409: _problem_response("Conflicts with the current state or an earlier use of the idempotency key"),
     413: _problem_response("The body is larger than LEDGER_MAX_BODY_BYTES"),
     415: _problem_response("The body is not declared as JSON"),
-    429: _problem_response("This API key is over its rate limit; see Retry-After"),
+    429: _problem_response(
+        "Over the key's rate limit (rate_limited), or too many heavy reports at once (busy); see Retry-After"
+    ),
     503: _problem_response("The database is unavailable or busy; retry after Retry-After"),
 }
 """Every problem a /v1 route can answer with, for the OpenAPI schema."""
@@ -92,7 +94,18 @@ def _validation_detail(error: ValidationException) -> str:
     return "; ".join(parts) or str(error.detail)
 
 
+CLIENT_GONE = "ledger_client_gone"
+"""Set in a request's scope state when the client hung up while the request was read (api/middleware.py)."""
+
+CLIENT_CLOSED_REQUEST = 499
+"""nginx's status for a client that closed the connection before it was answered: no one reads the answer, and
+it is the client's doing, not the service's (a 500 would page the "500 = a bug" alarm)."""
+
+
 def handle_exception(request: Request[Any, Any, Any], error: Exception) -> Response[ProblemView]:
+    if request.scope.get("state", {}).get(CLIENT_GONE):  # Litestar reports the hang-up as a 500 HTTPException
+        log.info("client closed the connection during %s %s", request.method, request.url.path)
+        return problem(CLIENT_CLOSED_REQUEST, "client_closed_request", "Client closed request", "the client hung up")
     if isinstance(error, LedgerError):
         return problem(error.status, error.code, error.title, error.detail, error.headers)
     if isinstance(error, RecursionError):

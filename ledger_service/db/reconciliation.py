@@ -32,6 +32,8 @@ class Findings:
 async def _findings(conn: AsyncConnection, sql: str, params: dict[str, Any] | None = None) -> Findings:
     """Run an offender query (one text column, `offender`) and count it without materializing it all."""
     count = int(await conn.scalar(text(f"SELECT count(*) FROM ({sql}) found"), params or {}) or 0)  # noqa: S608
+    if count == 0:  # the usual answer: the listing would scan the whole journal again to find nothing
+        return Findings(0, [])
     rows = await conn.execute(text(f"SELECT offender FROM ({sql}) found LIMIT {OFFENDER_LIMIT}"), params or {})  # noqa: S608
     return Findings(count, [row.offender for row in rows])
 

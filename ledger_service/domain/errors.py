@@ -139,3 +139,9 @@ class BatchAborted(LedgerError):
     code = "batch_aborted"
     status = 424
     title = "Not applied: another operation of the atomic batch was refused"
+
+
+class Busy(LedgerError):
+    code = "busy"
+    status = 429
+    title = "This process is already running as many heavy reports as it may; retry later"

@@ -6,7 +6,9 @@ hash chain) also lives here: it is the write side of tamper evidence and runs in
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -43,13 +45,49 @@ def _cursor(after: str | None) -> FeedPosition | None:
     return None if after is None else FeedPosition.decode(after)
 
 
+BUSY_RETRY_AFTER_SECONDS = "30"
+"""Retry-After of a heavy report refused for want of a slot: such reports take tens of seconds on a large journal."""
+
+
+class HeavyReads:
+    """Where the whole-journal reports run: a few slots, each with a connection of its own.
+
+    One reconciliation of a large journal holds a connection for most of a minute; 25 at once once emptied the
+    shared pool, and relay calls, /health and the background jobs failed with it. Here they run on an engine of
+    their own, `slots` at most per process, and one more is refused at once (429 `busy`) rather than queued.
+    """
+
+    def __init__(self, engine: AsyncEngine, slots: int) -> None:
+        self.engine = engine
+        self._slots = asyncio.Semaphore(slots)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[AsyncEngine]:
+        if self._slots.locked():  # no waiting: a queue of 40 s reports would only time out at the client
+            raise errors.Busy(
+                "as many heavy reports as this process runs at once are in progress; retry later",
+                headers={"Retry-After": BUSY_RETRY_AFTER_SECONDS},
+            )
+        async with self._slots:  # released however the report ends: done, failed or cancelled
+            yield self.engine
+
+
 class AuditService:
-    def __init__(self, engine: AsyncEngine, *, sweep_interval_seconds: float) -> None:
+    def __init__(self, engine: AsyncEngine, *, sweep_interval_seconds: float, heavy: HeavyReads | None = None) -> None:
         self.engine = engine
         self.sweep_interval_seconds = sweep_interval_seconds
+        self.heavy = heavy
+        """None (the command line): heavy reports run on `engine`, unbounded."""
 
     async def _read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         return await run_transaction(self.engine, work, isolation_level="REPEATABLE READ")
+
+    async def _heavy_read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """A read whose cost grows with the whole journal: in a heavy-report slot, off the shared pool."""
+        if self.heavy is None:
+            return await self._read(work)
+        async with self.heavy.slot() as engine:
+            return await run_transaction(engine, work, isolation_level="REPEATABLE READ")
 
     # The entry feed --------------------------------------------------------------------------------------------
 
@@ -118,7 +156,8 @@ class AuditService:
                 },
             )
 
-        return await self._read(work)
+        # Now: the per-kind snapshots, a few rows. At a past instant: every posting up to it.
+        return await (self._read(work) if as_of is None else self._heavy_read(work))
 
     async def usage(
         self, *, group_by: str, bucket: str, created_from: datetime | None, created_to: datetime | None
@@ -141,7 +180,7 @@ class AuditService:
                 ]
             )
 
-        return await self._read(work)
+        return await self._heavy_read(work)  # every charged entry in the range, by default the whole journal
 
     async def reconcile(self, progress: Progress | None = None) -> ReconciliationView:
         """Recompute the books from the journal and compare with everything derived from it."""
@@ -207,7 +246,7 @@ class AuditService:
             )
             return ReconciliationView(ok=all(c.ok for c in checks), checked_at=checked_at, checks=checks)
 
-        return await self._read(work)
+        return await self._heavy_read(work)
 
     async def _hash_chain(self, conn: AsyncConnection, say: Progress) -> ReconciliationCheckView:
         """Recompute every entry's hash, then every block's, from the first block on."""
