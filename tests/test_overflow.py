@@ -4,12 +4,13 @@ and channel."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from ledger_service.db import snapshots
 from ledger_service.db.transactions import run_transaction
 from ledger_service.services.audit import AuditService
-from ledger_service.services.housekeeping import Housekeeping
+from ledger_service.services.housekeeping import Housekeeping, refresh_snapshots
 from ledger_service.services.ledger import LedgerService
 from ledger_service.settings import Settings
 from tests.support import LedgerClient
@@ -87,3 +88,29 @@ async def test_token_sums_past_bigint_in_the_usage_report(
         rows = (await ok(ledger, f"/v1/reports/usage?bucket={bucket}", as_="auditor"))["rows"]
         assert [(r["prompt_tokens"], r["completion_tokens"], r["quota"]) for r in rows] == [(10**19, 10**19, 0)]
     await assert_everything_reads(ledger)
+
+
+async def test_reconciliation_fails_while_the_background_round_keeps_failing(
+    ledger: LedgerClient, service: LedgerService
+) -> None:
+    """Before, a refresh failing every round (as after the overflow) stopped sealing while the reconciliation said
+    ok. Now entries that the refresh, or the sealing, has not taken in within ten intervals fail it."""
+    audit = AuditService(service.engine, sweep_interval_seconds=5, snapshot_interval_seconds=0.1)  # stall: 1 s
+
+    async def stalled() -> list[str]:
+        report = await audit.reconcile()
+        check = next(c for c in report.checks if c.name == "background_jobs_current")
+        assert report.ok == check.ok  # nothing else is wrong
+        return check.offenders
+
+    await ledger.fund(1, 100)
+    assert await stalled() == []  # within the grace
+    await asyncio.sleep(1.2)  # every round fails: nothing refreshed, nothing sealed
+    offenders = await stalled()
+    assert ["refresh failing" in o for o in offenders] == [True, False], offenders
+    assert "not sealed" in offenders[1]
+    await refresh_snapshots(service.engine)  # the refresh succeeds again, sealing still fails
+    offenders = await stalled()
+    assert ["not sealed" in o for o in offenders] == [True], offenders
+    await audit.seal()
+    assert await stalled() == []

@@ -140,7 +140,11 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
         seen = SeenBalances()
         lifecycle_pool = await create_pool(settings.database_url, size=settings.pool_size, on_connect=seen.forget)
         lifecycle = LifecycleService(lifecycle_pool, settings, seen)
-        audit = AuditService(engine, sweep_interval_seconds=settings.sweep_interval_seconds)
+        audit = AuditService(
+            engine,
+            sweep_interval_seconds=settings.sweep_interval_seconds,
+            snapshot_interval_seconds=settings.snapshot_interval_seconds,
+        )
         state = app.state
         state.engine = engine
         state.ledger = LedgerService(engine, settings, lifecycle)
