@@ -9,6 +9,7 @@ from typing import Any
 
 from ledger_service.db import snapshots
 from ledger_service.db.transactions import run_transaction
+from ledger_service.schemas import TopupCommand
 from ledger_service.services.audit import AuditService
 from ledger_service.services.housekeeping import Housekeeping, refresh_snapshots
 from ledger_service.services.ledger import LedgerService
@@ -114,3 +115,25 @@ async def test_reconciliation_fails_while_the_background_round_keeps_failing(
     assert ["not sealed" in o for o in offenders] == [True], offenders
     await audit.seal()
     assert await stalled() == []
+
+
+async def test_issuance_past_bigint_stays_readable(
+    ledger: LedgerClient, service: LedgerService, settings: Settings
+) -> None:
+    """About 9,200 admin top-ups of 10^15 put system:issuance past -2^63 (spread over 100 users, 50 at a time)."""
+    topups = 9300
+    for start in range(0, topups, 50):
+        commands = [
+            TopupCommand(user_id=1 + n % 100, amount=MAX, reference=f"issuance-{n}") for n in range(start, start + 50)
+        ]
+        await asyncio.gather(*(service.topup(command) for command in commands))
+    await materialize(service, settings)
+    await ledger.fund(1, MAX)  # a top-up after the snapshot: the read adds it to a snapshot row past bigint
+    issuance = (await ok(ledger, "/v1/accounts/system:issuance", as_="auditor"))["balances"]["quota"]
+    assert issuance == -(topups + 1) * MAX < -BIGINT
+    quota = (await ok(ledger, "/v1/reports/trial-balance", as_="auditor"))["ledgers"]["quota"]
+    assert quota == {"total": 0, "by_kind": {"system": -(topups + 1) * MAX, "user": (topups + 1) * MAX}}
+    await materialize(service, settings)
+    report = await ok(ledger, "/v1/reports/reconciliation", as_="auditor")
+    assert report["ok"], [c for c in report["checks"] if not c["ok"]]
+    await ledger.assert_books_balance()
