@@ -5,6 +5,7 @@ and channel."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 from ledger_service.db import snapshots
@@ -48,6 +49,9 @@ async def assert_everything_reads(ledger: LedgerClient) -> None:
         await ok(ledger, path)
     for path in ("/v1/reports/trial-balance", "/v1/accounts/user:1", "/v1/accounts/channel:1",
                  "/v1/accounts/system:issuance", "/v1/accounts/user:1/postings", "/v1/entries"):  # fmt: skip
+        await ok(ledger, path, as_="auditor")
+    as_of = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    for path in (f"/v1/accounts/user:1?as_of={as_of}", f"/v1/reports/trial-balance?as_of={as_of}"):
         await ok(ledger, path, as_="auditor")
     for group_by in ("channel", "model", "user", "token"):
         await ok(ledger, f"/v1/reports/usage?group_by={group_by}&bucket=day", as_="auditor")
@@ -120,12 +124,10 @@ async def test_reconciliation_fails_while_the_background_round_keeps_failing(
 async def test_issuance_past_bigint_stays_readable(
     ledger: LedgerClient, service: LedgerService, settings: Settings
 ) -> None:
-    """About 9,200 admin top-ups of 10^15 put system:issuance past -2^63 (spread over 100 users, 50 at a time)."""
+    """About 9,200 admin top-ups of 10^15 (50 at a time) put user 1 past 2^63 and system:issuance past -2^63."""
     topups = 9300
     for start in range(0, topups, 50):
-        commands = [
-            TopupCommand(user_id=1 + n % 100, amount=MAX, reference=f"issuance-{n}") for n in range(start, start + 50)
-        ]
+        commands = [TopupCommand(user_id=1, amount=MAX, reference=f"issuance-{n}") for n in range(start, start + 50)]
         await asyncio.gather(*(service.topup(command) for command in commands))
     await materialize(service, settings)
     await ledger.fund(1, MAX)  # a top-up after the snapshot: the read adds it to a snapshot row past bigint
@@ -133,6 +135,14 @@ async def test_issuance_past_bigint_stays_readable(
     assert issuance == -(topups + 1) * MAX < -BIGINT
     quota = (await ok(ledger, "/v1/reports/trial-balance", as_="auditor"))["ledgers"]["quota"]
     assert quota == {"total": 0, "by_kind": {"system": -(topups + 1) * MAX, "user": (topups + 1) * MAX}}
+    # Holds decided on a balance past bigint (the lifecycle's premises), settled and read back.
+    await ledger.token(1, 1)
+    hold = await ledger.hold(request_id="rich", max_tokens=10)
+    assert hold.status_code == 201, hold.text
+    settle = {"channel_id": 1, "prompt_tokens": 100, "completion_tokens": 10}
+    assert (await ledger.post("/v1/holds/rich/settle", settle)).status_code == 200
+    user = await ok(ledger, "/v1/users/1")
+    assert user["available"] == (topups + 1) * MAX - user["used"] > BIGINT
     await materialize(service, settings)
     report = await ok(ledger, "/v1/reports/reconciliation", as_="auditor")
     assert report["ok"], [c for c in report["checks"] if not c["ok"]]
