@@ -168,7 +168,12 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  ... {message}", file=sys.stderr, flush=True)
 
     async def run(engine: AsyncEngine) -> ReconciliationView:
-        return await AuditService(engine, sweep_interval_seconds=settings.sweep_interval_seconds).reconcile(progress)
+        audit = AuditService(
+            engine,
+            sweep_interval_seconds=settings.sweep_interval_seconds,
+            snapshot_interval_seconds=settings.snapshot_interval_seconds,
+        )
+        return await audit.reconcile(progress)
 
     with database_url(settings.database_url, settings.data_dir) as url:
         # Unbounded statements: on a journal of a million requests, recomputing the snapshots alone runs past the

@@ -87,8 +87,8 @@ class LedgerClient:
 
     async def ledger_totals(self) -> dict[str, int]:
         """Sum of every posting per ledger: zero, always, in a double-entry ledger."""
-        rows = await self.conn.fetch("SELECT ledger, sum(amount)::bigint AS total FROM postings GROUP BY ledger")
-        return {row["ledger"]: row["total"] for row in rows}
+        rows = await self.conn.fetch("SELECT ledger, sum(amount) AS total FROM postings GROUP BY ledger")
+        return {row["ledger"]: int(row["total"]) for row in rows}
 
     async def assert_books_balance(self) -> None:
         totals = await self.ledger_totals()
@@ -100,7 +100,7 @@ class LedgerClient:
 
     async def raw_balance(self, account: str, ledger: str = "quota") -> int:
         total = await self.conn.fetchval(
-            "SELECT coalesce(sum(amount), 0)::bigint FROM postings WHERE account = $1 AND ledger = $2", account, ledger
+            "SELECT coalesce(sum(amount), 0) FROM postings WHERE account = $1 AND ledger = $2", account, ledger
         )
         return int(total)
 

@@ -31,6 +31,7 @@ CHECKS = (
     "snapshots_match_entries",
     "holds_cleared",
     "no_overdue_holds",
+    "background_jobs_current",
     "hash_chain_intact",
     "requests_match_entries",
     "summaries_match_entries",
@@ -595,7 +596,7 @@ async def test_reconcile_on_the_command_line_fails_and_lists_the_offenders(
     assert f"- entry {settled}: quota postings sum to -3" in stdout
     assert f"- entry {settled}: its content does not match its hash" in stdout
     assert "- channel 7: used " in stdout
-    assert stdout.strip().splitlines()[-1] == "3 of 7 checks FAILED"
+    assert stdout.strip().splitlines()[-1] == "3 of 8 checks FAILED"
     # Progress goes to stderr, keeping stdout the report alone.
     assert "... entries_balanced: summing every entry per ledger" in stderr
     assert "... entries_balanced: FAILED" in stderr

@@ -145,7 +145,12 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
             settings.database_url, pool_size=settings.heavy_reports, application_name="ledger-service-reports"
         )
         heavy = HeavyReads(reports_engine, settings.heavy_reports)
-        audit = AuditService(engine, sweep_interval_seconds=settings.sweep_interval_seconds, heavy=heavy)
+        audit = AuditService(
+            engine,
+            sweep_interval_seconds=settings.sweep_interval_seconds,
+            snapshot_interval_seconds=settings.snapshot_interval_seconds,
+            heavy=heavy,
+        )
         state = app.state
         state.engine = engine
         state.ledger = LedgerService(engine, settings, lifecycle)

@@ -102,5 +102,9 @@ async def build_services(
     seen = SeenBalances()
     pool = await create_pool(database_url, size=pool_size, on_connect=seen.forget)
     engine = create_engine(database_url, pool_size=engine_pool_size, command_timeout=command_timeout)
-    audit = AuditService(engine, sweep_interval_seconds=settings.sweep_interval_seconds)
+    audit = AuditService(
+        engine,
+        sweep_interval_seconds=settings.sweep_interval_seconds,
+        snapshot_interval_seconds=settings.snapshot_interval_seconds,
+    )
     return Services(BatchService(LifecycleService(pool, settings, seen)), audit, pool, engine)

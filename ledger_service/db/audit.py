@@ -105,7 +105,7 @@ _BASE_BEFORE = text(
 
 _SUM_BETWEEN = text(
     """
-    SELECT coalesce(sum(amount), 0)::bigint FROM postings
+    SELECT coalesce(sum(amount), 0) FROM postings
      WHERE account = :account AND ledger = :ledger AND txid >= CAST(:base AS xid8)
        AND (txid, entry_id, ledger) <= (CAST(:txid AS xid8), :entry_id, :through_ledger)
     """
@@ -188,7 +188,7 @@ _CHECKPOINT_BEFORE = text(
 
 _CREATED_SINCE = text(
     """
-    SELECT coalesce(sum(p.amount), 0)::bigint
+    SELECT coalesce(sum(p.amount), 0)
       FROM postings p JOIN entries e ON e.id = p.entry_id
      WHERE p.account = :account AND p.ledger = :ledger AND p.txid >= CAST(:base AS xid8) AND e.created_at <= :as_of
     """
@@ -213,7 +213,7 @@ async def balance_as_of(conn: AsyncConnection, account: str, ledger: SubLedger, 
 _TRIAL_BALANCE = text(
     """
     WITH since AS (SELECT coalesce(min(horizon), '0') AS horizon FROM kind_snapshots)
-    SELECT ledger, kind, sum(amount)::bigint AS total FROM (
+    SELECT ledger, kind, sum(amount) AS total FROM (
         SELECT ledger, kind, balance AS amount FROM kind_snapshots
         UNION ALL
         SELECT p.ledger, split_part(p.account, ':', 1), p.amount
@@ -227,7 +227,7 @@ _TRIAL_BALANCE = text(
 
 _TRIAL_BALANCE_AS_OF = text(
     """
-    SELECT p.ledger, split_part(p.account, ':', 1) AS kind, sum(p.amount)::bigint AS total
+    SELECT p.ledger, split_part(p.account, ':', 1) AS kind, sum(p.amount) AS total
       FROM postings p JOIN entries e ON e.id = p.entry_id
      WHERE e.created_at <= :as_of
      GROUP BY 1, 2 ORDER BY 1, 2
@@ -365,9 +365,9 @@ async def usage_report(
     sql = f"""
         SELECT {USAGE_KEYS[group_by]} AS key, {USAGE_BUCKETS[bucket]} AS bucket_start,
                count(*) FILTER (WHERE e.kind <> 'reversal') - count(*) FILTER (WHERE e.kind = 'reversal') AS requests,
-               coalesce(sum((e.details->>'prompt_tokens')::bigint), 0)::bigint AS prompt_tokens,
-               coalesce(sum((e.details->>'completion_tokens')::bigint), 0)::bigint AS completion_tokens,
-               sum(e.charged)::bigint AS quota
+               coalesce(sum((e.details->>'prompt_tokens')::bigint), 0) AS prompt_tokens,
+               coalesce(sum((e.details->>'completion_tokens')::bigint), 0) AS completion_tokens,
+               sum(e.charged) AS quota
           FROM entries e
          WHERE {" AND ".join(clauses)}
          GROUP BY 1, 2

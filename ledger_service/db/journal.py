@@ -113,7 +113,7 @@ async def balance(conn: AsyncConnection, account: str, ledger: SubLedger) -> int
 _USAGE = {
     column: text(
         f"""
-        SELECT (coalesce(s.used, 0) + coalesce(d.used, 0))::bigint AS used,
+        SELECT coalesce(s.used, 0) + coalesce(d.used, 0) AS used,
                (coalesce(s.request_count, 0) + coalesce(d.requests, 0))::bigint AS request_count
           FROM (SELECT CAST(:subject AS text) AS subject) q
           LEFT JOIN usage_snapshots s ON s.subject = q.subject

@@ -120,6 +120,32 @@ async def overdue_holds(conn: AsyncConnection, *, grace_seconds: float) -> Findi
     )
 
 
+async def stalled_background_jobs(conn: AsyncConnection, *, grace_seconds: float) -> Findings:
+    """Entries older than the grace that the snapshot refresh, or the sealing after it, has not taken in: the
+    background round keeps failing (or no process runs it). Read from the tables, so it sees every process's rounds;
+    an idle ledger has nothing outstanding and passes."""
+    return await _findings(
+        conn,
+        """
+        SELECT format('%s entries, the oldest created at %s, are not in the snapshots: is the refresh failing?',
+                      count(*), min(created_at)) AS offender
+          FROM entries
+         WHERE txid >= (SELECT coalesce(max(horizon), '0') FROM snapshot_runs)
+           AND created_at < now() - make_interval(secs => :grace)
+        HAVING count(*) > 0
+        UNION ALL
+        SELECT format('%s entries, the oldest created at %s, are not sealed: is sealing failing?',
+                      count(*), min(created_at))
+          FROM entries
+         WHERE (txid, id) > coalesce((SELECT (last_txid, last_entry) FROM blocks ORDER BY id DESC LIMIT 1),
+                                     ('0'::xid8, 0))
+           AND created_at < now() - make_interval(secs => :grace)
+        HAVING count(*) > 0
+        """,
+        {"grace": grace_seconds},
+    )
+
+
 async def requests_disagreeing_with_entries(conn: AsyncConnection) -> Findings:
     """Each request's state (in `requests`) against its entries (the journal)."""
     return await _findings(

@@ -73,9 +73,17 @@ class HeavyReads:
 
 
 class AuditService:
-    def __init__(self, engine: AsyncEngine, *, sweep_interval_seconds: float, heavy: HeavyReads | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        sweep_interval_seconds: float,
+        snapshot_interval_seconds: float = 5,
+        heavy: HeavyReads | None = None,
+    ) -> None:
         self.engine = engine
         self.sweep_interval_seconds = sweep_interval_seconds
+        self.snapshot_interval_seconds = snapshot_interval_seconds
         self.heavy = heavy
         """None (the command line): heavy reports run on `engine`, unbounded."""
 
@@ -186,6 +194,9 @@ class AuditService:
         """Recompute the books from the journal and compare with everything derived from it."""
         say = progress or (lambda _: None)
         grace = 2 * self.sweep_interval_seconds
+        # A round refreshes, then seals what the refresh made final: an entry waits up to two rounds, more while a
+        # round is slow. Ten rounds without it means the rounds are failing (docs/auditing.md).
+        stall = 10 * self.snapshot_interval_seconds
 
         async def work(conn: AsyncConnection) -> ReconciliationView:
             checked_at = await _database_now(conn)
@@ -229,6 +240,12 @@ class AuditService:
                 await reconciliation.overdue_holds(conn, grace_seconds=grace),
                 f"no open hold is more than {grace:g}s past its expiry",
                 "{} open holds are overdue: is the sweeper running?",
+            )
+            await rule(
+                "background_jobs_current",
+                await reconciliation.stalled_background_jobs(conn, grace_seconds=stall),
+                f"every entry older than {stall:g}s is in the snapshots and sealed",
+                "{} background jobs are behind: are the snapshot refresh and sealing running?",
             )
             checks.append(await self._hash_chain(conn, say))
             say(f"hash_chain_intact: {'ok' if checks[-1].ok else 'FAILED'}")
