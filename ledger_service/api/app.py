@@ -32,7 +32,7 @@ from ledger_service.db.engine import create_engine
 from ledger_service.db.lifecycle import SeenBalances, create_pool
 from ledger_service.observability import configure_logging
 from ledger_service.services.api_keys import ApiKeyService
-from ledger_service.services.audit import AuditService, HeavyReads
+from ledger_service.services.audit import HEAVY_REPORT_STATEMENT_SECONDS, AuditService, HeavyReads
 from ledger_service.services.batch import BatchService
 from ledger_service.services.housekeeping import Housekeeping
 from ledger_service.services.ledger import LedgerService
@@ -142,7 +142,10 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
         lifecycle = LifecycleService(lifecycle_pool, settings, seen)
         # The whole-journal reports get connections of their own: they never take the shared pool's (services/audit.py).
         reports_engine = create_engine(
-            settings.database_url, pool_size=settings.heavy_reports, application_name="ledger-service-reports"
+            settings.database_url,
+            pool_size=settings.heavy_reports,
+            application_name="ledger-service-reports",
+            command_timeout=HEAVY_REPORT_STATEMENT_SECONDS,
         )
         heavy = HeavyReads(reports_engine, settings.heavy_reports)
         audit = AuditService(

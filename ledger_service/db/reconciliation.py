@@ -68,18 +68,19 @@ async def snapshot_mismatches(conn: AsyncConnection) -> Findings:
         SELECT format('usage snapshot %s: used %s in %s requests, entries say %s in %s',
                       u.subject, u.used, u.request_count, coalesce(t.used, 0), coalesce(t.requests, 0))
           FROM usage_snapshots u
-          LEFT JOIN LATERAL (
-                SELECT sum(e.charged) AS used,
+          -- The charges summed per subject in one pass over the journal, as the snapshot refresh sums them
+          -- (db/snapshots.py), joined by hash: a lookup per snapshot row read the journal once per subject.
+          LEFT JOIN (
+                SELECT s.subject, sum(e.charged) AS used,
                        count(*) FILTER (WHERE e.kind <> 'reversal') - count(*) FILTER (WHERE e.kind = 'reversal')
                            AS requests
                   FROM entries e
-                 WHERE e.charged IS NOT NULL AND e.txid < u.horizon
-                   AND CASE split_part(u.subject, ':', 1)
-                           WHEN 'user' THEN e.user_id
-                           WHEN 'token' THEN e.token_id
-                           ELSE e.channel_id
-                       END = split_part(u.subject, ':', 2)::bigint
-          ) t ON true
+                 CROSS JOIN LATERAL (VALUES ('user:' || e.user_id), ('token:' || e.token_id),
+                                            ('channel:' || e.channel_id)) AS x(subject)
+                  JOIN usage_snapshots s ON s.subject = x.subject AND e.txid < s.horizon
+                 WHERE e.charged IS NOT NULL
+                 GROUP BY s.subject
+          ) t ON t.subject = u.subject
          WHERE u.used <> coalesce(t.used, 0) OR u.request_count <> coalesce(t.requests, 0)
         """,
     )

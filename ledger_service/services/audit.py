@@ -49,6 +49,11 @@ BUSY_RETRY_AFTER_SECONDS = "30"
 """Retry-After of a heavy report refused for want of a slot: such reports take tens of seconds on a large journal."""
 
 
+HEAVY_REPORT_STATEMENT_SECONDS = 900
+"""How long one statement of a whole-journal report may run (the service's other statements get 60 s): a check over a
+journal of a million requests takes minutes, and the slots already keep these reports from crowding anything out."""
+
+
 class HeavyReads:
     """Where the whole-journal reports run: a few slots, each with a connection of its own.
 
