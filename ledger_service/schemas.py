@@ -76,6 +76,8 @@ class AdjustmentCommand(Command):
     reference: Key
     note: Note | None = None
 
+    openapi_rules: ClassVar[dict[str, Any]] = {"not": {"properties": {"amount": {"const": 0}}}}
+
     def __post_init__(self) -> None:
         if self.amount == 0:
             raise ValueError("amount must not be 0")
@@ -86,6 +88,13 @@ class TokenCommand(Command):
     unlimited: bool
     remaining: Count | None = None
     """The allowance to set; required for a limited token, ignored for an unlimited one."""
+
+    openapi_rules: ClassVar[dict[str, Any]] = {
+        "anyOf": [
+            {"properties": {"unlimited": {"const": True}}},
+            {"required": ["remaining"], "properties": {"remaining": {"type": "integer"}}},
+        ]
+    }
 
     def __post_init__(self) -> None:
         if not self.unlimited and self.remaining is None:
@@ -106,6 +115,13 @@ class ModelPriceCommand(Command):
     completion_ratio: Ratio = Decimal(1)
     model_price: Ratio | None = None
     """USD per call; when set, the model is priced per call and token counts do not matter."""
+
+    openapi_rules: ClassVar[dict[str, Any]] = {
+        "anyOf": [
+            {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+            for name in ("model_ratio", "model_price")
+        ]
+    }
 
     def __post_init__(self) -> None:
         if self.model_ratio is None and self.model_price is None:
