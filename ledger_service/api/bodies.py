@@ -25,7 +25,6 @@ from litestar.plugins import OpenAPISchemaPlugin, SerializationPlugin
 from litestar.typing import FieldDefinition
 
 from ledger_service.domain import errors
-from ledger_service.domain.pricing import MAX_RATIO
 from ledger_service.observability import bind_request_id
 from ledger_service.schemas import RATIO_PATTERN, Command
 
@@ -184,19 +183,19 @@ def openapi_pattern(pattern: str) -> str:
 RATIO_STRING_OPENAPI_PATTERN = r"^(?:(?:0|[1-9][0-9]{0,8})(?:\.[0-9]{1,21})?|1000000000)$"
 """What the OpenAPI document states for a ratio as a string: a subset of what check_ratio takes (no exponent, at most
 9 integer and 21 decimal digits, 30 in all; or 10^9), simple enough for every client's pattern engine."""
-RATIO_OPENAPI = (
-    Schema(type=OpenAPIType.NUMBER, minimum=0, maximum=int(MAX_RATIO)),
-    Schema(type=OpenAPIType.STRING, pattern=RATIO_STRING_OPENAPI_PATTERN),
-)
-"""A ratio in the OpenAPI document: a number 0..10^9, or a string as above."""
+RATIO_OPENAPI = (Schema(type=OpenAPIType.STRING, pattern=RATIO_STRING_OPENAPI_PATTERN),)
+"""A ratio in the OpenAPI document: a string as above. The API also takes a JSON number, but JSON Schema cannot
+bound a number's decimal places (`1e-31` is in 0..10^9 and refused: more than 30 decimal places), and a client
+that holds ratios as binary floats would not send them exactly; so the document states the string form, as it did
+before (and as responses give ratios)."""
 
 
 class CommandSchemas(OpenAPISchemaPlugin):
     """The OpenAPI schema of a Command: what Litestar generates for a struct, made as strict as the decoder.
 
     Unknown fields are refused (`additionalProperties: false`); integer bounds are the struct's own, as integers
-    (Litestar drops a bound of 0 and writes 2^63-1 as a float, which rounds above it); a ratio is a number or a
-    string in the ratio syntax (RATIO_OPENAPI); and a command's cross-field rules (`__post_init__`) are stated by
+    (Litestar drops a bound of 0 and writes 2^63-1 as a float, which rounds above it); a ratio is a string in
+    the ratio syntax (RATIO_OPENAPI); and a command's cross-field rules (`__post_init__`) are stated by
     its `openapi_rules`, JSON Schema keywords added to the struct's schema."""
 
     def is_plugin_supported_field(self, field_definition: FieldDefinition) -> bool:
@@ -223,9 +222,9 @@ class CommandSchemas(OpenAPISchemaPlugin):
                 elif isinstance(inner, msgspec.inspect.StrType) and inner.pattern is not None:
                     prop.pattern = openapi_pattern(inner.pattern)
                 elif isinstance(inner, msgspec.inspect.DecimalType):
-                    prop.one_of = [*RATIO_OPENAPI, Schema(type=OpenAPIType.NULL)] if nullable else list(RATIO_OPENAPI)
-                    prop.type = None
-                    prop.pattern = None
+                    prop.one_of = [*RATIO_OPENAPI, Schema(type=OpenAPIType.NULL)] if nullable else None
+                    prop.type = None if nullable else OpenAPIType.STRING
+                    prop.pattern = None if nullable else RATIO_STRING_OPENAPI_PATTERN
         aliases = schema.field_aliases()
         for keyword, value in command.openapi_rules.items():
             setattr(schema, aliases.get(keyword, keyword), value)
