@@ -141,6 +141,26 @@ class GroupRatioCommand(Command):
 
 
 class BatchOperation(Command):
+    openapi_rules: ClassVar[dict[str, Any]] = {
+        "allOf": [
+            {
+                "if": {"properties": {"op": {"const": op}}},
+                "then": {
+                    "properties": {"body": {"$ref": f"#/components/schemas/{command}"}},
+                    "required": ["body"] if needs_body else [],
+                },
+            }
+            for op, command, needs_body in (
+                ("hold", "HoldCommand", True),
+                ("settle", "SettleCommand", True),
+                ("refund", "RefundCommand", False),  # an empty body is a plain refund
+                ("consume", "ConsumptionCommand", True),
+            )
+        ]
+    }
+    """Each operation's body is its single call's. Not stated: a hold's or consumption's `body.request_id`, which
+    the document requires, must equal the operation's (JSON Schema cannot compare two values)."""
+
     op: Literal["hold", "settle", "refund", "consume"]
     request_id: Key
     body: dict[str, Any] = msgspec.field(default_factory=dict)
