@@ -2,7 +2,9 @@
 
 Bounded and reproducible: a fixed number of examples per operation, derandomized (the same inputs every run).
 Every response must be a documented status with a body matching its schema, never a server error; invalid
-requests must be refused; and a request without the API key must be refused too.
+requests must be refused; and a request without the API key must be refused too. Valid requests must also be
+accepted: what the document allows, the API must not refuse as malformed (`validation_error`), though it may give a
+business answer (403, 404, 409, 422...); the few rules JSON Schema cannot state are listed in narrow_valid_case.
 """
 
 from __future__ import annotations
