@@ -76,6 +76,8 @@ class AdjustmentCommand(Command):
     reference: Key
     note: Note | None = None
 
+    openapi_rules: ClassVar[dict[str, Any]] = {"not": {"properties": {"amount": {"const": 0}}}}
+
     def __post_init__(self) -> None:
         if self.amount == 0:
             raise ValueError("amount must not be 0")
@@ -86,6 +88,13 @@ class TokenCommand(Command):
     unlimited: bool
     remaining: Count | None = None
     """The allowance to set; required for a limited token, ignored for an unlimited one."""
+
+    openapi_rules: ClassVar[dict[str, Any]] = {
+        "anyOf": [
+            {"properties": {"unlimited": {"const": True}}},
+            {"required": ["remaining"], "properties": {"remaining": {"type": "integer"}}},
+        ]
+    }
 
     def __post_init__(self) -> None:
         if not self.unlimited and self.remaining is None:
@@ -107,6 +116,13 @@ class ModelPriceCommand(Command):
     model_price: Ratio | None = None
     """USD per call; when set, the model is priced per call and token counts do not matter."""
 
+    openapi_rules: ClassVar[dict[str, Any]] = {
+        "anyOf": [
+            {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+            for name in ("model_ratio", "model_price")
+        ]
+    }
+
     def __post_init__(self) -> None:
         if self.model_ratio is None and self.model_price is None:
             raise ValueError("model_ratio or model_price is required")
@@ -125,6 +141,26 @@ class GroupRatioCommand(Command):
 
 
 class BatchOperation(Command):
+    openapi_rules: ClassVar[dict[str, Any]] = {
+        "allOf": [
+            {
+                "if": {"properties": {"op": {"const": op}}},
+                "then": {
+                    "properties": {"body": {"$ref": f"#/components/schemas/{command}"}},
+                    "required": ["body"] if needs_body else [],
+                },
+            }
+            for op, command, needs_body in (
+                ("hold", "HoldCommand", True),
+                ("settle", "SettleCommand", True),
+                ("refund", "RefundCommand", False),  # an empty body is a plain refund
+                ("consume", "ConsumptionCommand", True),
+            )
+        ]
+    }
+    """Each operation's body is its single call's. Not stated: a hold's or consumption's `body.request_id`, which
+    the document requires, must equal the operation's (JSON Schema cannot compare two values)."""
+
     op: Literal["hold", "settle", "refund", "consume"]
     request_id: Key
     body: dict[str, Any] = msgspec.field(default_factory=dict)

@@ -15,7 +15,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusController
 from litestar.routes import HTTPRoute
 
-from ledger_service.api.bodies import StrictBodies
+from ledger_service.api.bodies import CommandSchemas, StrictBodies
 from ledger_service.api.controllers.accounts import AccountController
 from ledger_service.api.controllers.api_keys import ApiKeyController
 from ledger_service.api.controllers.batch import BatchController
@@ -98,7 +98,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
     app = Litestar(
         route_handlers=[HealthController, MetricsController, v1],
         middleware=[access_log_middleware],
-        plugins=[StrictBodies()],  # request bodies: decoded once, strictly (api/bodies.py)
+        plugins=[
+            StrictBodies(),
+            CommandSchemas(),
+        ],  # request bodies: decoded strictly, documented as strictly (bodies.py)
         request_max_body_size=settings.max_body_bytes,
         logging_config=None,
         lifespan=[_lifespan(settings)],

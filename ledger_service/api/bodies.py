@@ -18,8 +18,10 @@ from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
+from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugin
 from litestar.dto import AbstractDTO
-from litestar.plugins import SerializationPlugin
+from litestar.openapi.spec import OpenAPIType, Schema
+from litestar.plugins import OpenAPISchemaPlugin, SerializationPlugin
 from litestar.typing import FieldDefinition
 
 from ledger_service.domain import errors
@@ -29,7 +31,7 @@ from ledger_service.schemas import RATIO_PATTERN, Command
 if TYPE_CHECKING:
     from litestar._openapi.schema_generation import SchemaCreator
     from litestar.dto.data_structures import DTOFieldDefinition
-    from litestar.openapi.spec import Reference, Schema
+    from litestar.openapi.spec import Reference
 
 T = TypeVar("T")
 
@@ -126,10 +128,18 @@ class StrictBody(AbstractDTO[T]):
     def create_openapi_schema(
         cls, field_definition: FieldDefinition, handler_id: str, schema_creator: SchemaCreator
     ) -> Reference | Schema:
+        # The command alone, not `command | null`: an optional body (a refund's) may be left out, but `null` is no
+        # command, and the decoder refuses it.
+        command = next(
+            (
+                candidate.annotation
+                for candidate in (field_definition, *field_definition.inner_types)
+                if candidate.is_subclass_of(Command)
+            ),
+            field_definition.annotation,
+        )
         return schema_creator.for_field_definition(
-            FieldDefinition.from_annotation(
-                field_definition.annotation, kwarg_definition=field_definition.kwarg_definition
-            )
+            FieldDefinition.from_annotation(command, kwarg_definition=field_definition.kwarg_definition)
         )
 
     @classmethod
@@ -155,3 +165,67 @@ class StrictBodies(SerializationPlugin):
             if candidate.is_subclass_of(Command)
         )
         return StrictBody[command]  # type: ignore[valid-type]
+
+
+_ESCAPE = re.compile(r"\\x([0-9a-fA-F]{2})|\\u([0-9a-fA-F]{4})|\\U([0-9a-fA-F]{8})")
+
+
+def openapi_pattern(pattern: str) -> str:
+    """A msgspec pattern (Python syntax, `\\A...\\Z`) as the OpenAPI document states it (ECMA-262, which JSON
+    Schema and the generated clients read): `^...$`, which anchor the whole value there, and `\\xNN`, `\\uNNNN`,
+    `\\UNNNNNNNN` escapes written as the characters themselves (ECMA-262 has no `\\U`)."""
+    if not (pattern.startswith("\\A") and pattern.endswith("\\Z")):
+        raise ValueError(f"a body pattern must be anchored with \\A and \\Z: {pattern}")
+    body = _ESCAPE.sub(lambda match: chr(int(next(group for group in match.groups() if group), 16)), pattern[2:-2])
+    return f"^{body}$"
+
+
+RATIO_STRING_OPENAPI_PATTERN = r"^(?:(?:0|[1-9][0-9]{0,8})(?:\.[0-9]{1,21})?|1000000000)$"
+"""What the OpenAPI document states for a ratio as a string: a subset of what check_ratio takes (no exponent, at most
+9 integer and 21 decimal digits, 30 in all; or 10^9), simple enough for every client's pattern engine."""
+RATIO_OPENAPI = (Schema(type=OpenAPIType.STRING, pattern=RATIO_STRING_OPENAPI_PATTERN),)
+"""A ratio in the OpenAPI document: a string as above. The API also takes a JSON number, but JSON Schema cannot
+bound a number's decimal places (`1e-31` is in 0..10^9 and refused: more than 30 decimal places), and a client
+that holds ratios as binary floats would not send them exactly; so the document states the string form, as it did
+before (and as responses give ratios)."""
+
+
+class CommandSchemas(OpenAPISchemaPlugin):
+    """The OpenAPI schema of a Command: what Litestar generates for a struct, made as strict as the decoder.
+
+    Unknown fields are refused (`additionalProperties: false`); integer bounds are the struct's own, as integers
+    (Litestar drops a bound of 0 and writes 2^63-1 as a float, which rounds above it); a ratio is a string in
+    the ratio syntax (RATIO_OPENAPI); and a command's cross-field rules (`__post_init__`) are stated by
+    its `openapi_rules`, JSON Schema keywords added to the struct's schema."""
+
+    def is_plugin_supported_field(self, field_definition: FieldDefinition) -> bool:
+        return not field_definition.is_union and field_definition.is_subclass_of(Command)
+
+    def to_openapi_schema(self, field_definition: FieldDefinition, schema_creator: SchemaCreator) -> Schema:
+        schema = StructSchemaPlugin().to_openapi_schema(field_definition, schema_creator)
+        schema.additional_properties = False
+        command: type[Command] = field_definition.type_
+        properties = schema.properties or {}
+        info = msgspec.inspect.type_info(command)
+        assert isinstance(info, msgspec.inspect.StructType)
+        for field in info.fields:
+            prop = properties.get(field.encode_name)
+            if not isinstance(prop, Schema):
+                continue
+            kinds = field.type.types if isinstance(field.type, msgspec.inspect.UnionType) else (field.type,)
+            nullable = any(isinstance(kind, msgspec.inspect.NoneType) for kind in kinds)
+            for kind in kinds:
+                inner = kind.type if isinstance(kind, msgspec.inspect.Metadata) else kind
+                if isinstance(inner, msgspec.inspect.IntType):
+                    prop.minimum = inner.ge
+                    prop.maximum = inner.le
+                elif isinstance(inner, msgspec.inspect.StrType) and inner.pattern is not None:
+                    prop.pattern = openapi_pattern(inner.pattern)
+                elif isinstance(inner, msgspec.inspect.DecimalType):
+                    prop.one_of = [*RATIO_OPENAPI, Schema(type=OpenAPIType.NULL)] if nullable else None
+                    prop.type = None if nullable else OpenAPIType.STRING
+                    prop.pattern = None if nullable else RATIO_STRING_OPENAPI_PATTERN
+        aliases = schema.field_aliases()
+        for keyword, value in command.openapi_rules.items():
+            setattr(schema, aliases.get(keyword, keyword), value)
+        return schema

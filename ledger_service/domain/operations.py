@@ -12,7 +12,7 @@ type says what it is, so nothing repeats it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 from msgspec import Meta
@@ -68,6 +68,9 @@ class Command(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     number_strings: ClassVar[tuple[str, ...]] = ()
     """Decimal fields that may come as strings: such a string must hold JSON's number syntax (api/bodies.py)."""
+    openapi_rules: ClassVar[dict[str, Any]] = {}
+    """JSON Schema keywords (Schema field names) that state the command's cross-field rules in the OpenAPI
+    document (api/bodies.py, CommandSchemas)."""
 
 
 class HoldCommand(Command):

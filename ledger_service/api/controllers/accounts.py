@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from litestar import Controller, get
 from litestar.di import NamedDependency
-from litestar.params import FromPath
 
 from ledger_service.api import auth
-from ledger_service.api.params import parse_id
+from ledger_service.api.params import PathId, parse_id
 from ledger_service.api.problems import PROBLEMS
 from ledger_service.schemas import ChannelView, TokenView, UserView
 from ledger_service.services.ledger import LedgerService
@@ -23,7 +22,7 @@ class AccountController(Controller):
         responses=PROBLEMS,
         summary="A user's available, held and used quota",
     )
-    async def user(self, user_id: FromPath[str], ledger: NamedDependency[LedgerService]) -> UserView:
+    async def user(self, user_id: PathId, ledger: NamedDependency[LedgerService]) -> UserView:
         return await ledger.user(parse_id(user_id, "user_id"))
 
     @get(
@@ -32,7 +31,7 @@ class AccountController(Controller):
         responses=PROBLEMS,
         summary="A token's allowance and usage",
     )
-    async def token(self, token_id: FromPath[str], ledger: NamedDependency[LedgerService]) -> TokenView:
+    async def token(self, token_id: PathId, ledger: NamedDependency[LedgerService]) -> TokenView:
         return await ledger.token(parse_id(token_id, "token_id"))
 
     @get(
@@ -41,5 +40,5 @@ class AccountController(Controller):
         responses=PROBLEMS,
         summary="Quota consumed through a channel",
     )
-    async def channel(self, channel_id: FromPath[str], ledger: NamedDependency[LedgerService]) -> ChannelView:
+    async def channel(self, channel_id: PathId, ledger: NamedDependency[LedgerService]) -> ChannelView:
         return await ledger.channel(parse_id(channel_id, "channel_id"))

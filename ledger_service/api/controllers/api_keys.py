@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from litestar import Controller, delete, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import JSONBody
 
 from ledger_service.api import auth
-from ledger_service.api.params import parse_id
+from ledger_service.api.params import PathId, parse_id
 from ledger_service.api.problems import PROBLEMS
 from ledger_service.schemas import ApiKeyCommand, ApiKeyCreatedView, ApiKeyListView
 from ledger_service.services.api_keys import ApiKeyService
@@ -34,5 +34,5 @@ class ApiKeyController(Controller):
     @delete(
         "/{key_id:str}", status_code=204, opt={"roles": auth.ADMIN_ONLY}, responses=PROBLEMS, summary="Revoke a key"
     )
-    async def revoke(self, key_id: FromPath[str], keys: NamedDependency[ApiKeyService]) -> None:
+    async def revoke(self, key_id: PathId, keys: NamedDependency[ApiKeyService]) -> None:
         await keys.revoke(parse_id(key_id, "key_id"))

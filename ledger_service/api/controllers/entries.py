@@ -6,13 +6,19 @@ from typing import Annotated
 
 from litestar import Controller, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+from litestar.params import JSONBody, QueryParameter
 from litestar.response import Response
 
 from ledger_service.api import auth
 from ledger_service.api.controllers.responses import respond
 from ledger_service.api.params import (
-    INSTANT_PATTERN,
+    INSTANT_SCHEMA,
+    PathId,
+    QueryCursor,
+    QueryId,
+    QueryKey,
+    QueryLimit,
+    choices_schema,
     parse_choice,
     parse_id,
     parse_key,
@@ -44,15 +50,15 @@ class EntryController(Controller):
     async def list_entries(
         self,
         audit: NamedDependency[AuditService],
-        request_id: FromQuery[str | None] = None,
-        user_id: FromQuery[str | None] = None,
-        token_id: FromQuery[str | None] = None,
-        channel_id: FromQuery[str | None] = None,
-        kind: FromQuery[str | None] = None,
-        created_from: Annotated[str | None, QueryParameter(name="from", pattern=INSTANT_PATTERN)] = None,
-        created_to: Annotated[str | None, QueryParameter(name="to", pattern=INSTANT_PATTERN)] = None,
-        cursor: FromQuery[str | None] = None,
-        limit: FromQuery[str | None] = None,
+        request_id: QueryKey = None,
+        user_id: QueryId = None,
+        token_id: QueryId = None,
+        channel_id: QueryId = None,
+        kind: Annotated[str | None, QueryParameter(schema_extra=choices_schema(KINDS, "An entry kind."))] = None,
+        created_from: Annotated[str | None, QueryParameter(name="from", schema_extra=INSTANT_SCHEMA)] = None,
+        created_to: Annotated[str | None, QueryParameter(name="to", schema_extra=INSTANT_SCHEMA)] = None,
+        cursor: QueryCursor = None,
+        limit: QueryLimit = None,
     ) -> EntryPageView:
         where = EntryFilter(
             request_id=None if request_id is None else parse_key(request_id),
@@ -71,7 +77,7 @@ class EntryController(Controller):
         responses=PROBLEMS,
         summary="One journal entry with its postings",
     )
-    async def entry(self, entry_id: FromPath[str], ledger: NamedDependency[LedgerService]) -> EntryView:
+    async def entry(self, entry_id: PathId, ledger: NamedDependency[LedgerService]) -> EntryView:
         return await ledger.entry(parse_id(entry_id, "entry_id"))
 
     @post(
@@ -83,7 +89,7 @@ class EntryController(Controller):
     )
     async def reverse(
         self,
-        entry_id: FromPath[str],
+        entry_id: PathId,
         data: JSONBody[ReverseCommand],
         ledger: NamedDependency[LedgerService],
     ) -> Response[EntryView]:

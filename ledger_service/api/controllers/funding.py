@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from litestar import Controller, post, put
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import JSONBody
 from litestar.response import Response
 
 from ledger_service.api import auth
 from ledger_service.api.controllers.responses import respond
-from ledger_service.api.params import parse_id
+from ledger_service.api.params import PathId, parse_id
 from ledger_service.api.problems import created, replayed
 from ledger_service.schemas import AdjustmentCommand, FundingView, TokenCommand, TokenView, TopupCommand
 from ledger_service.services.ledger import LedgerService
@@ -52,7 +52,7 @@ class FundingController(Controller):
     )
     async def set_token(
         self,
-        token_id: FromPath[str],
+        token_id: PathId,
         data: JSONBody[TokenCommand],
         ledger: NamedDependency[LedgerService],
     ) -> Response[TokenView]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from litestar import Controller, get, put
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import JSONBody
 from litestar.response import Response
 
 from ledger_service.api import auth
-from ledger_service.api.params import parse_name
+from ledger_service.api.params import PathName, parse_name
 from ledger_service.api.problems import PROBLEMS, created
 from ledger_service.schemas import (
     GroupRatioCommand,
@@ -39,7 +39,7 @@ class PricingController(Controller):
     )
     async def set_model(
         self,
-        model: FromPath[str],
+        model: PathName,
         data: JSONBody[ModelPriceCommand],
         prices: NamedDependency[PricingService],
     ) -> Response[ModelPriceView]:
@@ -55,7 +55,7 @@ class PricingController(Controller):
     )
     async def set_group(
         self,
-        group: FromPath[str],
+        group: PathName,
         data: JSONBody[GroupRatioCommand],
         prices: NamedDependency[PricingService],
     ) -> Response[GroupRatioView]:

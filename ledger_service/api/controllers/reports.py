@@ -7,13 +7,22 @@ from typing import Annotated
 
 from litestar import Controller, Request, get
 from litestar.di import NamedDependency
-from litestar.params import FromPath, FromQuery, QueryParameter
+from litestar.params import QueryParameter
 from litestar.response import Response
 
 from ledger_service.api import auth
 from ledger_service.api.csv_writer import csv_text
 from ledger_service.api.negotiation import wants_csv
-from ledger_service.api.params import INSTANT_PATTERN, parse_choice, parse_limit, parse_time
+from ledger_service.api.params import (
+    INSTANT_SCHEMA,
+    PathAddress,
+    QueryCursor,
+    QueryLimit,
+    choices_schema,
+    parse_choice,
+    parse_limit,
+    parse_time,
+)
 from ledger_service.api.problems import PROBLEMS
 from ledger_service.db.audit import USAGE_BUCKETS, USAGE_KEYS
 from ledger_service.schemas import AccountView, ReconciliationView, StatementPageView, TrialBalanceView, UsageReportView
@@ -34,9 +43,9 @@ class AccountsController(Controller):
     )
     async def account(
         self,
-        address: FromPath[str],
+        address: PathAddress,
         audit: NamedDependency[AuditService],
-        as_of: Annotated[str | None, QueryParameter(pattern=INSTANT_PATTERN)] = None,
+        as_of: Annotated[str | None, QueryParameter(schema_extra=INSTANT_SCHEMA)] = None,
     ) -> AccountView:
         return await audit.account(address, as_of=parse_time(as_of, "as_of"))
 
@@ -48,10 +57,10 @@ class AccountsController(Controller):
     )
     async def postings(
         self,
-        address: FromPath[str],
+        address: PathAddress,
         audit: NamedDependency[AuditService],
-        cursor: FromQuery[str | None] = None,
-        limit: FromQuery[str | None] = None,
+        cursor: QueryCursor = None,
+        limit: QueryLimit = None,
     ) -> StatementPageView:
         return await audit.statement(address, cursor=cursor, limit=parse_limit(limit))
 
@@ -69,7 +78,7 @@ class ReportsController(Controller):
     async def trial_balance(
         self,
         audit: NamedDependency[AuditService],
-        as_of: Annotated[str | None, QueryParameter(pattern=INSTANT_PATTERN)] = None,
+        as_of: Annotated[str | None, QueryParameter(schema_extra=INSTANT_SCHEMA)] = None,
     ) -> TrialBalanceView:
         return await audit.trial_balance(as_of=parse_time(as_of, "as_of"))
 
@@ -92,10 +101,14 @@ class ReportsController(Controller):
         self,
         request: Request,  # type: ignore[type-arg]
         audit: NamedDependency[AuditService],
-        group_by: FromQuery[str | None] = None,
-        bucket: FromQuery[str | None] = None,
-        created_from: Annotated[str | None, QueryParameter(name="from", pattern=INSTANT_PATTERN)] = None,
-        created_to: Annotated[str | None, QueryParameter(name="to", pattern=INSTANT_PATTERN)] = None,
+        group_by: Annotated[
+            str | None, QueryParameter(schema_extra=choices_schema(USAGE_KEYS, "What to group by (default channel)."))
+        ] = None,
+        bucket: Annotated[
+            str | None, QueryParameter(schema_extra=choices_schema(USAGE_BUCKETS, "The time bucket (default none)."))
+        ] = None,
+        created_from: Annotated[str | None, QueryParameter(name="from", schema_extra=INSTANT_SCHEMA)] = None,
+        created_to: Annotated[str | None, QueryParameter(name="to", schema_extra=INSTANT_SCHEMA)] = None,
     ) -> Response[UsageReportView] | Response[str]:
         report = await audit.usage(
             group_by=parse_choice(group_by, "group_by", USAGE_KEYS, default="channel"),

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import JSONBody
 from litestar.response import Response
 
 from ledger_service.api import auth
 from ledger_service.api.controllers.responses import respond
-from ledger_service.api.params import parse_key
+from ledger_service.api.params import PathKey, parse_key
 from ledger_service.api.problems import PROBLEMS, replayed
 from ledger_service.schemas import (
     ConsumptionCommand,
@@ -47,7 +47,7 @@ class HoldController(Controller):
     async def get_hold(
         self,
         request: Request,  # type: ignore[type-arg]
-        request_id: FromPath[str],
+        request_id: PathKey,
         ledger: NamedDependency[LedgerService],
     ) -> HoldDetailView:
         # Any relay key may read any hold, so admins' notes (a reversal's `note`) are kept from relays.
@@ -63,7 +63,7 @@ class HoldController(Controller):
     )
     async def settle(
         self,
-        request_id: FromPath[str],
+        request_id: PathKey,
         data: JSONBody[SettleCommand],
         ledger: NamedDependency[LedgerService],
     ) -> Response[HoldView]:
@@ -78,7 +78,7 @@ class HoldController(Controller):
     )
     async def refund(
         self,
-        request_id: FromPath[str],
+        request_id: PathKey,
         ledger: NamedDependency[LedgerService],
         data: JSONBody[RefundCommand | None] = None,
     ) -> Response[HoldView]:
