@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from types import FrameType
 from typing import TypeVar, cast
 
@@ -195,6 +196,40 @@ def render_reconciliation(report: ReconciliationView) -> str:
     return "\n".join(lines)
 
 
+def cmd_import_relay(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger_service.commands.import_relay import render, run_import, write_json
+    from ledger_service.domain.relay_import import check_source_id
+    from ledger_service.relay.source import SourceError
+
+    try:
+        if args.source_id is not None:
+            check_source_id(args.source_id)
+    except ValueError as error:
+        print(f"ledger-service import-relay: {error}", file=sys.stderr)
+        return 2
+    with database_url(settings.database_url, settings.data_dir) as url:
+
+        async def prepare() -> None:
+            if settings.auto_migrate:
+                await asyncio.to_thread(migrate, url)
+
+        try:
+            report = _run_with_engine(
+                url,
+                settings,
+                lambda engine: run_import(
+                    engine, settings, args.source, source_id=args.source_id, dry_run=args.dry_run, prepare=prepare
+                ),
+            )
+        except SourceError as error:
+            print(f"ledger-service import-relay: {error}", file=sys.stderr)
+            return 2
+    print(render(report))
+    if args.json:
+        write_json(report, args.json)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from ledger_service.bench.options import SCENARIOS, Options
     from ledger_service.bench.run import main_bench
@@ -242,6 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "reconcile", help="recompute the books and check everything derived from them (exit 1 on any failure)"
     ).set_defaults(handler=cmd_reconcile)
+    relay_import = commands.add_parser(
+        "import-relay", help="bring a one-api or new-api database's balances, tokens and prices into the ledger"
+    )
+    relay_import.add_argument("source", help="the relay's database URL: sqlite:///path, mysql://..., postgresql://...")
+    relay_import.add_argument("--dry-run", action="store_true", help="print the plan and post nothing")
+    relay_import.add_argument(
+        "--source-id", help="the name entry references give this relay (default: its kind and a hash of the URL)"
+    )
+    relay_import.add_argument("--json", type=Path, help="also write every item of the run to this JSON file")
+    relay_import.set_defaults(handler=cmd_import_relay)
     bench = commands.add_parser(
         "bench", help="the relay workload against the service, side by side with pgbench TPC-B on the same server"
     )

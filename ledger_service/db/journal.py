@@ -17,6 +17,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger_service.domain.accounts import SubLedger
+from ledger_service.domain.canonical import canonical_json
 from ledger_service.domain.entries import EntryDraft
 from ledger_service.schemas import EntryView, PostingView
 
@@ -72,6 +73,53 @@ async def insert_entry(
         )
     ).one()
     return StoredEntry(id=row.id, created_at=row.created_at)
+
+
+_INSERT_REFERENCED_ENTRIES = text(
+    """
+    WITH entry AS (
+        INSERT INTO entries (kind, user_id, token_id, reference, details, hash)
+        SELECT e.kind, e.user_id, e.token_id, e.reference, CAST(e.details AS jsonb), e.hash
+          FROM unnest(CAST(:kinds AS text[]), CAST(:user_ids AS bigint[]), CAST(:token_ids AS bigint[]),
+                      CAST(:references AS text[]), CAST(:details AS text[]), CAST(:hashes AS bytea[]))
+               AS e(kind, user_id, token_id, reference, details, hash)
+        RETURNING id, reference
+    )
+    INSERT INTO postings (entry_id, ledger, account, amount)
+    SELECT entry.id, p.ledger, p.account, p.amount
+      FROM unnest(CAST(:posting_references AS text[]), CAST(:ledgers AS text[]), CAST(:accounts AS text[]),
+                  CAST(:amounts AS bigint[])) AS p(reference, ledger, account, amount)
+      JOIN entry USING (reference)
+    """
+)
+
+
+async def insert_referenced_entries(conn: AsyncConnection, drafts: Sequence[EntryDraft]) -> None:
+    """Insert many drafts, each with its own reference, in one statement (bulk imports).
+
+    The references tie each posting to its entry inside the statement; a reference used before fails the whole
+    statement on the unique constraint, as one insert_entry would. Only funding-shaped drafts fit: no request,
+    channel, charge, fingerprint or reversal.
+    """
+    if not drafts:
+        return
+    assert all(d.reference and d.request_id is None and d.reverses is None for d in drafts)
+    postings = [(draft.reference, posting) for draft in drafts for posting in draft.postings]
+    await conn.execute(
+        _INSERT_REFERENCED_ENTRIES,
+        {
+            "kinds": [str(d.kind) for d in drafts],
+            "user_ids": [d.user_id for d in drafts],
+            "token_ids": [d.token_id for d in drafts],
+            "references": [d.reference for d in drafts],
+            "details": [canonical_json(dict(d.details)).decode() for d in drafts],
+            "hashes": [d.content_hash() for d in drafts],
+            "posting_references": [reference for reference, _ in postings],
+            "ledgers": [str(p.ledger) for _, p in postings],
+            "accounts": [p.account for _, p in postings],
+            "amounts": [p.amount for _, p in postings],
+        },
+    )
 
 
 _LATEST_HORIZON = "(SELECT coalesce(max(horizon), '0'::xid8) FROM snapshot_runs)"

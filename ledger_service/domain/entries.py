@@ -28,6 +28,8 @@ class EntryKind(enum.StrEnum):
     EXPIRE = "expire"
     CONSUME = "consume"
     REVERSAL = "reversal"
+    OPENING = "opening"
+    """A balance brought over from a relay's own books (import-relay)."""
 
 
 ADMIN_ONLY_DETAILS = frozenset({"note"})
