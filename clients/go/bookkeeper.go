@@ -59,7 +59,9 @@ type Bookkeeper struct {
 type BookkeeperOption func(*Bookkeeper)
 
 // WithPricingRefresh sets how often the ratios are reloaded from GET /v1/pricing (default 60 s).
-func WithPricingRefresh(d time.Duration) BookkeeperOption { return func(b *Bookkeeper) { b.refresh = d } }
+func WithPricingRefresh(d time.Duration) BookkeeperOption {
+	return func(b *Bookkeeper) { b.refresh = d }
+}
 
 // WithSettleTimeout bounds Consume and RefundQuota, retries included (default 30 s).
 func WithSettleTimeout(d time.Duration) BookkeeperOption {
@@ -103,7 +105,9 @@ func (b *Bookkeeper) ModelRatio(model string) float64 { return b.pricing.ModelRa
 func (b *Bookkeeper) GroupRation(group string) float64 { return b.pricing.GroupRatio(group) }
 
 // ModelCompletionRatio is the model's completion ratio.
-func (b *Bookkeeper) ModelCompletionRatio(model string) float64 { return b.pricing.CompletionRatio(model) }
+func (b *Bookkeeper) ModelCompletionRatio(model string) float64 {
+	return b.pricing.CompletionRatio(model)
+}
 
 // PreConsumeQuota holds preConsumedQuota for the request of ctx (POST /v1/holds with an explicit amount) and
 // returns the quota held: 0 when the ledger trusts the user (the hold answered trusted: true), as one-api's own
