@@ -5,6 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/url"
+	"strings"
 	"testing"
 	"time"
 
@@ -97,4 +100,22 @@ func mustHold(t testing.TB) func(*ledger.Hold, error) *ledger.Hold {
 	}
 }
 
-var _ = fmt.Sprintf
+// setGroupRatio calls PUT /v1/pricing/groups/{group} with the admin key (not a relay call, so not in the client).
+func setGroupRatio(ctx context.Context, group, ratio string) (int, error) {
+	body := strings.NewReader(`{"group_ratio": "` + ratio + `"}`)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, baseURL+"/v1/pricing/groups/"+url.PathEscape(group), body)
+	if err != nil {
+		return 0, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer "+adminKey)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 && resp.StatusCode != 201 {
+		return resp.StatusCode, fmt.Errorf("PUT pricing group: %d", resp.StatusCode)
+	}
+	return resp.StatusCode, nil
+}
