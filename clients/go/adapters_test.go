@@ -316,3 +316,75 @@ func TestConcurrentHoldsNeverOversell(t *testing.T) {
 	}
 	wantBalances(t, user, 0, amount*funded, 0, 0)
 }
+
+// one-api's controller.Relay retries a failed upstream call on another channel under the same request id, after
+// relayHelper refunded the first attempt's pre-consumed quota.
+func TestBookkeeperRelayRetryUnderTheSameRequestID(t *testing.T) {
+	b, errs := newBookkeeper(t)
+	user, token := newUser(t, 50_000)
+	channel := nextID()
+	id := reqID(t, "bk-retry")
+	ctx := ledger.WithRequestID(testCtx(t), id)
+
+	pre, err := b.PreConsumeQuota(ctx, 1000, int(user), int(token))
+	if err != nil || pre != 1000 {
+		t.Fatalf("first attempt: %d %v", pre, err)
+	}
+	b.RefundQuota(ctx, pre, int(token)) // the first channel failed
+	pre, err = b.PreConsumeQuota(ctx, 1000, int(user), int(token))
+	if err != nil || pre != 1000 {
+		t.Fatalf("second attempt: %d %v", pre, err)
+	}
+	wantBalances(t, user, 49_000, 1000, 0, 0)
+	b.Consume(ctx, &ledger.ConsumeLog{UserId: int(user), ChannelId: int(channel), TokenId: int(token), ModelName: "gpt-4o", Quota: 700, PreConsumedQuota: pre})
+	if e := errs.list(); len(e) != 0 {
+		t.Fatalf("errors: %v", e)
+	}
+	wantBalances(t, user, 49_300, 0, 700, 1)
+	if h := mustHold(t)(relay.GetHold(ctx, id)); h.Status != ledger.StatusRefunded {
+		t.Fatalf("first attempt: %+v", h)
+	}
+	if h := mustHold(t)(relay.GetHold(ctx, id+":2")); h.Status != ledger.StatusSettled || *h.Charged != 700 {
+		t.Fatalf("second attempt: %+v", h)
+	}
+
+	// A trusted user's failed attempt is not refunded by one-api (it pre-consumed 0): the retry reuses the open hold.
+	rich, richToken := newUser(t, 1_000_000_000)
+	id2 := reqID(t, "bk-retry-trusted")
+	ctx2 := ledger.WithRequestID(testCtx(t), id2)
+	for i := 0; i < 2; i++ {
+		if pre, err := b.PreConsumeQuota(ctx2, 1000, int(rich), int(richToken)); err != nil || pre != 0 {
+			t.Fatalf("trusted attempt %d: %d %v", i, pre, err)
+		}
+	}
+	if _, err := b.TryConsume(ctx2, &ledger.ConsumeLog{UserId: int(rich), ChannelId: int(channel), TokenId: int(richToken), Quota: 50}); err != nil {
+		t.Fatal(err)
+	}
+	wantBalances(t, rich, 1_000_000_000-50, 0, 50, 1)
+}
+
+func TestFundingRetryUnderTheSameRequestID(t *testing.T) {
+	ctx := testCtx(t)
+	user, token := newUser(t, 50_000)
+	channel := nextID()
+	id := reqID(t, "fs-retry")
+	r := ledger.FundingRequest{RequestID: id, UserID: user, TokenID: token, Model: "gpt-4o", ChannelID: channel}
+	first := relay.NewFunding(ctx, r)
+	if err := first.PreConsume(1000); err != nil {
+		t.Fatal(err)
+	}
+	if err := first.Refund(); err != nil {
+		t.Fatal(err)
+	}
+	second := relay.NewFunding(ctx, r)
+	if err := second.PreConsume(1000); err != nil {
+		t.Fatal(err)
+	}
+	if got := second.Hold().RequestID; got != id+":2" {
+		t.Fatalf("the retry's ledger id is %q", got)
+	}
+	if err := second.Settle(-100); err != nil {
+		t.Fatal(err)
+	}
+	wantBalances(t, user, 49_100, 0, 900, 1)
+}

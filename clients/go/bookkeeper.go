@@ -43,6 +43,11 @@ const DefaultSettleTimeout = 30 * time.Second
 // *gin.Context). Without one, PreConsumeQuota, Consume and RefundQuota fail with ErrNoRequestID. The request id is
 // the ledger's idempotency key: PreConsumeQuota, Consume and RefundQuota of one request must see the same one.
 //
+// one-api retries a failed upstream call on another channel within the same client request, under the same
+// request id, after refunding the first attempt. The ledger request_id of a retry is therefore "<id>:2", "<id>:3",
+// ...: PreConsumeQuota takes the first one whose hold is not refunded, expired or settled, and the Bookkeeper
+// remembers it (in memory, per process, for up to an hour) for the Consume or RefundQuota that follows.
+//
 // Consume and RefundQuota return nothing (as one-api's interface demands): their errors go to the error handler
 // (WithErrorHandler; the default logs them). TryConsume and TryRefundQuota are the same calls returning the error.
 // Both run on a context that keeps ctx's values but not its cancellation, bounded by the settle timeout, so that a
@@ -53,6 +58,7 @@ type Bookkeeper struct {
 	settleTimeout time.Duration
 	refresh       time.Duration
 	onError       func(ctx context.Context, op string, err error)
+	attempts      *attempts
 }
 
 // BookkeeperOption configures a Bookkeeper.
@@ -76,7 +82,8 @@ func WithErrorHandler(f func(ctx context.Context, op string, err error)) Bookkee
 
 // NewBookkeeper loads the prices (GET /v1/pricing) and returns the Bookkeeper; c needs a relay (or admin) key.
 func NewBookkeeper(ctx context.Context, c *Client, opts ...BookkeeperOption) (*Bookkeeper, error) {
-	b := &Bookkeeper{c: c, settleTimeout: DefaultSettleTimeout, refresh: DefaultPricingRefresh}
+	b := &Bookkeeper{c: c, settleTimeout: DefaultSettleTimeout, refresh: DefaultPricingRefresh,
+		attempts: newAttempts(time.Hour)}
 	for _, o := range opts {
 		o(b)
 	}
@@ -122,7 +129,7 @@ func (b *Bookkeeper) PreConsumeQuota(ctx context.Context, preConsumedQuota int64
 		preConsumedQuota = 0
 	}
 	info := requestInfoFrom(ctx)
-	h, err := b.c.Hold(ctx, HoldRequest{
+	h, n, err := holdAttempt(ctx, b.c, HoldRequest{
 		RequestID: id,
 		UserID:    int64(userId),
 		TokenID:   int64(tokenId),
@@ -133,6 +140,7 @@ func (b *Bookkeeper) PreConsumeQuota(ctx context.Context, preConsumedQuota int64
 	if err != nil {
 		return 0, err
 	}
+	b.attempts.set(id, n)
 	return h.Amount, nil
 }
 
@@ -160,13 +168,17 @@ func (b *Bookkeeper) TryConsume(ctx context.Context, l *ConsumeLog) (*Hold, erro
 		quota = 0
 	}
 	prompt, completion := nonNegative(l.PromptTokens), nonNegative(l.CompletionTokens)
-	h, err := b.c.Settle(sctx, id, SettleRequest{
+	n := b.attempts.get(id)
+	h, err := b.c.Settle(sctx, attemptID(id, n), SettleRequest{
 		ChannelID:        int64(l.ChannelId),
 		PromptTokens:     prompt,
 		CompletionTokens: completion,
 		Quota:            &quota,
 	})
-	if err == nil || !errors.Is(err, ErrHoldNotFound) {
+	if err == nil {
+		b.attempts.forget(id)
+	}
+	if err == nil || !errors.Is(err, ErrHoldNotFound) || n > 1 {
 		return h, err
 	}
 	info := requestInfoFrom(ctx)
@@ -203,9 +215,12 @@ func (b *Bookkeeper) TryRefundQuota(ctx context.Context, preConsumedQuota int64,
 	}
 	sctx, cancel := detach(ctx, b.settleTimeout)
 	defer cancel()
-	_, err := b.c.Refund(sctx, id, RefundRequest{})
+	_, err := b.c.Refund(sctx, attemptID(id, b.attempts.get(id)), RefundRequest{})
 	if err != nil && preConsumedQuota == 0 && errors.Is(err, ErrHoldNotFound) {
 		return nil
+	}
+	if err == nil {
+		b.attempts.forget(id)
 	}
 	return err
 }

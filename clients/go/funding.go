@@ -35,6 +35,10 @@ type FundingRequest struct {
 // posts a consumption of delta. Refund refunds the hold; after Settle, or without a hold, it does nothing.
 // SettleActual, NeedsRefund and GetPreConsumedQuota follow new-api's BillingSettler.
 //
+// A relay that retries a request on another channel under the same RequestID, with a new Funding after Refund,
+// gets the ledger request_id "<RequestID>:2" (then ":3", ...) for the retry: PreConsume skips ids whose hold is
+// refunded, expired or settled. Hold().RequestID is the ledger id in use.
+//
 // The methods carry no context: PreConsume uses the context given to NewFunding; Settle and Refund use its values
 // without its cancellation, bounded by SettleTimeout, so a client hanging up does not drop the settlement.
 // A Funding is safe for concurrent use, but its calls are meant to come one after another.
@@ -44,6 +48,7 @@ type Funding struct {
 	r   FundingRequest
 
 	mu          sync.Mutex
+	id          string // the ledger request_id of the hold (see holdAttempt)
 	preConsumed int
 	held        bool
 	settled     bool
@@ -103,12 +108,12 @@ func (f *Funding) PreConsume(amount int) error {
 		Amount:       &a,
 	}
 	f.mu.Unlock()
-	h, err := f.c.Hold(f.ctx, req)
+	h, n, err := holdAttempt(f.ctx, f.c, req)
 	if err != nil {
 		return err
 	}
 	f.mu.Lock()
-	f.held, f.preConsumed, f.last = true, amount, h
+	f.held, f.preConsumed, f.last, f.id = true, amount, h, attemptID(req.RequestID, n)
 	f.mu.Unlock()
 	return nil
 }
@@ -130,7 +135,7 @@ func (f *Funding) settle(quota int64) error {
 		quota = 0
 	}
 	f.mu.Lock()
-	r, held := f.r, f.held
+	r, held, id := f.r, f.held, f.id
 	prompt, completion := f.prompt, f.completion
 	f.mu.Unlock()
 	if r.ChannelID <= 0 {
@@ -141,7 +146,7 @@ func (f *Funding) settle(quota int64) error {
 	var h *Hold
 	var err error
 	if held {
-		h, err = f.c.Settle(ctx, r.RequestID, SettleRequest{
+		h, err = f.c.Settle(ctx, id, SettleRequest{
 			ChannelID: r.ChannelID, PromptTokens: prompt, CompletionTokens: completion, Quota: &quota,
 		})
 	} else {
@@ -163,14 +168,14 @@ func (f *Funding) settle(quota int64) error {
 // Refund is a replay.
 func (f *Funding) Refund() error {
 	f.mu.Lock()
-	r, held, settled := f.r, f.held, f.settled
+	r, held, settled, id := f.r, f.held, f.settled, f.id
 	f.mu.Unlock()
 	if !held || settled {
 		return nil
 	}
 	ctx, cancel := detach(f.ctx, r.SettleTimeout)
 	defer cancel()
-	h, err := f.c.Refund(ctx, r.RequestID, RefundRequest{})
+	h, err := f.c.Refund(ctx, id, RefundRequest{})
 	if err != nil {
 		return err
 	}
