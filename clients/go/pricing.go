@@ -99,6 +99,12 @@ func (pc *PricingCache) CompletionRatio(model string) float64 { return pc.lookup
 func (pc *PricingCache) GroupRatio(group string) float64 { return pc.lookup("g:"+group, 2) }
 
 func (pc *PricingCache) maybeRefresh() {
+	pc.mu.RLock()
+	fresh := pc.loading || time.Since(pc.loadedAt) < pc.refresh
+	pc.mu.RUnlock()
+	if fresh {
+		return
+	}
 	pc.mu.Lock()
 	if pc.loading || time.Since(pc.loadedAt) < pc.refresh {
 		pc.mu.Unlock()
