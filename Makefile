@@ -9,7 +9,7 @@ RUN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install serve test lint format migrate bench clean
+.PHONY: install serve test test-clients lint format migrate bench clean
 
 install: $(VENV)/.synced
 
@@ -30,6 +30,18 @@ migrate: install
 
 test: install
 	$(RUN)/pytest
+
+# The Go client (clients/go, standard library only, Go >= 1.19): its tests start their own service from .venv.
+# -count=1: the results depend on the service, not only on the Go sources, so they are never taken from the cache.
+# Go needs a cache directory; without HOME (root in a bare container) it goes under .tools.
+ifeq ($(HOME)$(XDG_CACHE_HOME)$(GOCACHE),)
+test-clients: export GOCACHE := $(CURDIR)/.tools/go-cache
+endif
+ifeq ($(HOME)$(GOPATH),)
+test-clients: export GOPATH := $(CURDIR)/.tools/go
+endif
+test-clients: install
+	cd clients/go && go test -count=1 ./...
 
 # The relay workload side by side with pgbench on one server; BENCH_ARGS passes options (ledger-service bench -h).
 bench: install

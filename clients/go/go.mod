@@ -1,0 +1,3 @@
+module github.com/quota-ledger/ledger-service/clients/go
+
+go 1.19
