@@ -228,6 +228,7 @@ def cmd_compare_relay(args: argparse.Namespace, settings: Settings) -> int:
     """The shadow period's check: the relay's own bills against the ledger's (services/relay_compare.py).
     Exit 0 when everything matches within tolerance, 1 otherwise, 2 (one line) on bad arguments or an unreadable
     source; the ledger database is the one `serve` uses."""
+    from sqlalchemy.exc import SQLAlchemyError
     from tqdm import tqdm
 
     from ledger_service.domain.relay_compare import Tolerances
@@ -265,8 +266,13 @@ def cmd_compare_relay(args: argparse.Namespace, settings: Settings) -> int:
             report = _run_with_engine(url, settings, run, command_timeout=None)
     except SourceError as error:
         return fail(str(error))
-    except OSError as error:  # --csv/--json not writable
-        return fail(f"{error.strerror or error}: {error.filename}" if error.filename else str(error))
+    except SQLAlchemyError as error:  # the ledger's database (the relay's errors are SourceErrors)
+        reason = " ".join(str(getattr(error, "orig", None) or error).split("[SQL:")[0].split())
+        return fail(f"cannot read the ledger database: {reason}")
+    except OSError as error:  # --csv/--json not writable, or the ledger's server unreachable
+        if error.filename:
+            return fail(f"{error.strerror or error}: {error.filename}")
+        return fail(f"cannot reach the ledger database: {error}")
     print(render(report))
     return 0 if report.ok else 1
 

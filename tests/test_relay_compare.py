@@ -28,10 +28,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ledger_service import cli
 from ledger_service.db.engine import create_engine
 from ledger_service.domain.relay_compare import Tolerances
-from ledger_service.domain.relays import LOG_CONSUME, RelayLog, RelayToken, RelayUser
+from ledger_service.domain.relays import LOG_CONSUME, RelayKind, RelayLog, RelayToken, RelayUser
 from ledger_service.services.relay_compare import CompareOptions, CompareReport, compare_relay
 from ledger_service.settings import Settings
-from tests.relay_support import RelayDb
+from tests.relay_support import MakeRelayDb, RelayDb, free_port
 from tests.support import ADMIN_SECRET, LedgerClient, unique
 
 pytest_plugins = ("tests.relay_fixtures",)
@@ -379,3 +379,20 @@ def test_the_parser_knows_the_command() -> None:
     assert args.handler is cli.cmd_compare_relay
     assert (args.time_tolerance, args.amount_tolerance, args.balance_tolerance) == (60.0, 0, 0)
     assert isinstance(Settings(), Settings)
+
+
+async def test_an_unwritable_output_or_unreachable_ledger_exits_2_with_one_line(
+    make_relay_db: MakeRelayDb, database_url: str, tmp_path: Path
+) -> None:
+    relay = await make_relay_db(RelayKind.ONE_API, "sqlite")
+    times = ["--since", "2026-01-01T00:00:00Z", "--until", "2026-01-02T00:00:00Z"]
+    done = await asyncio.to_thread(run_cli, database_url, relay.url, *times, "--csv", f"{tmp_path}/no/dir/out.csv")
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert "No such file or directory" in done.stderr
+
+    closed = f"postgresql://ledger@127.0.0.1:{free_port()}/ledger"
+    done = await asyncio.to_thread(run_cli, closed, relay.url, *times)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert "ledger database" in done.stderr

@@ -3,8 +3,9 @@
 Charges are `settle` and `consume` entries (each names user, token, channel and the amount charged) that no
 `reversal` cancelled, joined to their request for the model and the token counts. They are read in
 (created_at, id) order by keyset pages, each page its own short statement: the partial index
-`entries_charges_by_time (created_at) WHERE charged IS NOT NULL` (migration 0002) serves the range, and the
-reversal check is a probe of the unique index on `entries.reverses`.
+`entries_charges_by_time (created_at) WHERE charged IS NOT NULL` (migration 0002) serves the range (each page
+starts its index range at the last page's time: `created_at >= :after_at`), and the reversal check is a probe of
+the unique index on `entries.reverses`. No new index is needed.
 """
 
 from __future__ import annotations
@@ -31,12 +32,19 @@ _CHARGES = text(
       LEFT JOIN requests r ON r.request_id = e.request_id
      WHERE e.charged IS NOT NULL AND e.kind IN ('settle', 'consume')
        AND e.created_at >= :since AND e.created_at < :until
-       AND (e.created_at > :after_at OR (e.created_at = :after_at AND e.id > :after_id))
+       AND e.created_at >= :after_at
+       AND (e.created_at > :after_at OR e.id > :after_id)
        AND NOT EXISTS (SELECT 1 FROM entries x WHERE x.reverses = e.id)
      ORDER BY e.created_at, e.id
      LIMIT :limit
     """
 )
+
+
+async def check(engine: AsyncEngine) -> None:
+    """Fail now, before any output, when the ledger's database cannot be read."""
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1 FROM entries LIMIT 1"))
 
 
 async def charges(

@@ -245,6 +245,7 @@ async def compare_relay(
 ) -> CompareReport:
     """Compare and write the CSV/JSON files as it goes; SourceError when the relay cannot be read."""
     async with open_source(source_url) as source:
+        await ledger_side.check(engine)
         report = CompareReport(source.info, options.since, options.until, options.tolerances)
         csv_file = options.csv_path.open("w", encoding="utf-8", newline="") if options.csv_path else None
         sink = _Sink(report, options, csv_file)
