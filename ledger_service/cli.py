@@ -13,9 +13,10 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -257,6 +258,96 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     return main_bench(options, args.json, lambda message: print(f"  ... {message}", file=sys.stderr, flush=True))
 
 
+def cmd_compare_relay(args: argparse.Namespace, settings: Settings) -> int:
+    """The shadow period's check: the relay's own bills against the ledger's (services/relay_compare.py).
+    Exit 0 when everything matches within tolerance, 1 otherwise, 2 (one line) on bad arguments or an unreadable
+    source; the ledger database is the one `serve` uses."""
+    from sqlalchemy.exc import SQLAlchemyError
+    from tqdm import tqdm
+
+    from ledger_service.domain.relay_compare import Tolerances
+    from ledger_service.relay.source import SourceError
+    from ledger_service.services.relay_compare import CompareOptions, CompareReport, compare_relay, render
+
+    def fail(message: str) -> int:
+        print(f"ledger-service compare-relay: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        since, until = _instant(args.since, "--since"), _instant(args.until, "--until")
+    except ValueError as error:
+        return fail(str(error))
+    if since >= until:
+        return fail(f"--since {args.since} is not before --until {args.until}")
+    if args.time_tolerance < 0 or args.amount_tolerance < 0 or args.balance_tolerance < 0:
+        return fail("tolerances cannot be negative")
+    options = CompareOptions(
+        since=since,
+        until=until,
+        tolerances=Tolerances(args.time_tolerance, args.amount_tolerance, args.balance_tolerance),
+        csv_path=args.csv,
+        json_path=args.json,
+    )
+
+    def bar(total: int) -> Any:
+        return tqdm(total=total, unit="log", desc="relay logs", file=sys.stderr, dynamic_ncols=True)
+
+    async def run(engine: AsyncEngine) -> CompareReport:
+        return await compare_relay(engine, args.source, options, progress=bar)
+
+    try:
+        with database_url(settings.database_url, settings.data_dir) as url:
+            report = _run_with_engine(url, settings, run, command_timeout=None)
+    except SourceError as error:
+        return fail(str(error))
+    except SQLAlchemyError as error:  # the ledger's database (the relay's errors are SourceErrors)
+        reason = " ".join(str(getattr(error, "orig", None) or error).split("[SQL:")[0].split())
+        return fail(f"cannot read the ledger database: {reason}")
+    except OSError as error:  # --csv/--json not writable, or the ledger's server unreachable
+        if error.filename:
+            return fail(f"{error.strerror or error}: {error.filename}")
+        return fail(f"cannot reach the ledger database: {error}")
+    print(render(report))
+    return 0 if report.ok else 1
+
+
+def _instant(text: str, name: str) -> datetime:
+    """An ISO 8601 instant; one without an offset is taken as UTC."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{name} {text!r} is not an ISO 8601 time (e.g. 2026-01-31T00:00:00Z)") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """Argument errors as one line on stderr, status 2 (argparse would print the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def _add_compare_relay(commands: Any) -> None:
+    compare = commands.add_parser(
+        "compare-relay",
+        help="compare a relay's own bills (logs, balances) with the ledger's over a window (exit 1 on differences)",
+    )
+    compare.__class__ = _OneLineErrors  # add_parser takes no parser class; this one only overrides error()
+    compare.add_argument("source", help="the relay's database URL: sqlite:///path, mysql://..., postgresql://...")
+    compare.add_argument("--since", required=True, help="window start, ISO 8601 (inclusive; UTC without offset)")
+    compare.add_argument("--until", required=True, help="window end, ISO 8601 (exclusive)")
+    compare.add_argument("--csv", type=Path, help="write every compared log and account to this CSV file")
+    compare.add_argument("--json", type=Path, help="write the summary and every difference to this JSON file")
+    compare.add_argument(
+        "--time-tolerance", type=float, default=60.0, help="seconds a log and a charge may be apart (default 60)"
+    )
+    compare.add_argument(
+        "--amount-tolerance", type=int, default=0, help="quota a pair may differ by and still match (default 0)"
+    )
+    compare.add_argument("--balance-tolerance", type=int, default=0, help="quota a balance may differ by (default 0)")
+    compare.set_defaults(handler=cmd_compare_relay)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ledger-service", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -307,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample the service with py-spy during the first run of the first scenario; raw stacks to this file",
     )
     bench.set_defaults(handler=cmd_bench)
+    _add_compare_relay(commands)
     return parser
 
 

@@ -15,10 +15,13 @@ composite log indexes. Only columns the ledger cares about, plus the ones around
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import itertools
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -658,6 +661,17 @@ def find_program(program: str) -> str | None:
     return shutil.which(program, path=path)
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    """In the server's process before exec: Linux sends it SIGTERM when the test process dies, even by SIGKILL, so
+    no server outlives its session; `stop()` is the ordinary way. Only a system call here (libc was loaded in the
+    parent), which is what a preexec_fn may safely do in a process that has threads."""
+    with contextlib.suppress(AttributeError):  # not Linux: no prctl
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class MariaDbServer:
     """A throwaway MariaDB server: its own data directory, socket and loopback port, run as root (`--user=root`).
 
@@ -710,6 +724,7 @@ class MariaDbServer:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         deadline = time.monotonic() + timeout

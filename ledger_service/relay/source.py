@@ -393,7 +393,8 @@ class RelaySource:
             query = sa.select(*columns).where(*window).order_by(c.created_at, c.id).limit(batch_size)
             if after is not None:
                 at, last = after
-                query = query.where(sa.or_(c.created_at > at, sa.and_(c.created_at == at, c.id > last)))
+                # The plain `>=` lets the (created_at, type) index start each page where the last one ended.
+                query = query.where(c.created_at >= at, sa.or_(c.created_at > at, c.id > last))
             rows = await self._rows(query)
             if not rows:
                 return
