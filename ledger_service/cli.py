@@ -332,7 +332,6 @@ def _add_compare_relay(commands: Any) -> None:
         "compare-relay",
         help="compare a relay's own bills (logs, balances) with the ledger's over a window (exit 1 on differences)",
     )
-    compare.__class__ = _OneLineErrors  # add_parser takes no parser class; this one only overrides error()
     compare.add_argument("source", help="the relay's database URL: sqlite:///path, mysql://..., postgresql://...")
     compare.add_argument("--since", required=True, help="window start, ISO 8601 (inclusive; UTC without offset)")
     compare.add_argument("--until", required=True, help="window end, ISO 8601 (exclusive)")
@@ -349,8 +348,8 @@ def _add_compare_relay(commands: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ledger-service", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _OneLineErrors(prog="ledger-service", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineErrors)
 
     serve = commands.add_parser("serve", help="run the HTTP API (starts the embedded PostgreSQL if no URL is set)")
     serve.add_argument("--host", help="listen address (LEDGER_HOST, default 127.0.0.1)")

@@ -274,6 +274,7 @@ def test_user_drift_rule(rule: str, user: RelayUser, available: int, tolerance: 
         ("limited in the relay, unlimited in the ledger drifts", TOKEN, LedgerToken(1, True, 0), 1000, True),
         ("a token the ledger does not know drifts", TOKEN, None, 1000, True),
         ("a soft-deleted token is not compared", RelayToken(1, 1, 5, False, 1, deleted=True), None, 0, None),
+        ("a token whose user is gone is not compared", RelayToken(1, 9, 5, False, 1, user_known=False), None, 0, None),
     ],
 )
 def test_token_drift_rule(

@@ -56,8 +56,7 @@ def render(report: ImportReport) -> str:
         f" groups set  {prices['unchanged']:>5} unchanged",
         f"  quota   opened {quota['opened']} ({usd(quota['opened'])}), adjusted {quota['adjusted']:+d}"
         f" ({usd(quota['adjusted'])})",
-        f"  debts   {quota['debts']} users with a negative quota,"
-        f" {quota['debt_total']} in all ({usd(quota['debt_total'])})",
+        f"  debts   {quota['debts']} with a negative quota, {quota['debt_total']} in all ({usd(quota['debt_total'])})",
     ]
     if verb:
         lines[3:3] = ["  (counts of what would be posted)"]
@@ -69,7 +68,8 @@ def render(report: ImportReport) -> str:
         if not m.first
     ]
     models = [
-        f"model {name}: model_ratio {p.model_ratio}, completion_ratio {p.completion_ratio}, model_price {p.model_price}"
+        f"model {name}: model_ratio {p.model_ratio}, completion_ratio {p.completion_ratio}"
+        + ("" if p.model_price is None else f", model_price {p.model_price} USD per call")
         for name, p in report.prices.models.items()
     ]
     groups = [f"group {name}: group_ratio {ratio}" for name, ratio in report.prices.groups.items()]

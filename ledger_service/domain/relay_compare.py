@@ -248,8 +248,9 @@ def compare_user(user: RelayUser, available: int, tolerance: int) -> BalanceComp
 
 
 def compare_token(token: RelayToken, ledger: LedgerToken | None, tolerance: int) -> BalanceComparison | None:
-    """A relay token against the ledger's; None for a soft-deleted token (not compared)."""
-    if token.deleted:
+    """A relay token against the ledger's; None for a token import-relay does not bring over either (soft-deleted,
+    or its user missing or deleted in the relay): not compared."""
+    if token.deleted or not token.user_known:
         return None
     if ledger is None:
         return BalanceComparison(

@@ -73,7 +73,8 @@ class ImportReport:
     finished: bool = False
 
     def opened(self) -> list[UserMove]:
-        return [m for m in self.users if m.kind is EntryKind.OPENING]
+        """Users given an opening entry (a first-seen user whose balance already matched gets none)."""
+        return [m for m in self.users if m.kind is EntryKind.OPENING and m.amount]
 
     def adjusted(self) -> list[UserMove]:
         return [m for m in self.users if m.kind is EntryKind.ADJUSTMENT]
@@ -86,7 +87,7 @@ class ImportReport:
                 "read": self.users_read,
                 "opened": len(opened),
                 "adjusted": len(adjusted),
-                "unchanged": self.users_read - len(self.users) - self._listed("user"),
+                "unchanged": self.users_read - len(opened) - len(adjusted) - self._listed("user"),
                 "skipped": self._listed("user"),
             },
             "tokens": {
