@@ -33,9 +33,7 @@ async def build_source(directory: Path, users: int) -> str:
     for start in range(1, users + 1, chunk):
         ids = range(start, min(start + chunk, users + 1))
         await db.add_users(RelayUser(i, rng.randint(-5_000, 50_000_000)) for i in ids)
-        await db.add_tokens(
-            RelayToken(i, i, rng.randint(0, 10_000_000), unlimited=i % 3 == 0, status=1) for i in ids
-        )
+        await db.add_tokens(RelayToken(i, i, rng.randint(0, 10_000_000), unlimited=i % 3 == 0, status=1) for i in ids)
     await db.set_option("ModelRatio", '{"gpt-4o": 2.5, "gpt-4o-mini": 0.075, "gpt-4(1)": 15}')
     await db.set_option("GroupRatio", '{"default": 1, "vip": 0.8}')
     await db.close()
