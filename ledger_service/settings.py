@@ -165,6 +165,16 @@ class Settings:
     """LEDGER_HEAVY_REPORTS: whole-journal reports (reconciliation, usage, trial balance `as_of`) each process runs
     at once, on as many connections of their own; one more is refused at once with 429 `busy` (default 1)."""
 
+    quota_per_usd: int = 500_000
+    """LEDGER_QUOTA_PER_USD: quota units per USD when the margin report prices what users were charged (default
+    500,000, the relays' QuotaPerUnit)."""
+
+    max_upload_bytes: int = 64 * 1_048_576
+    """LEDGER_MAX_UPLOAD_BYTES: the largest provider file `POST /v1/external/uploads` accepts (default 64 MiB)."""
+
+    console_session_seconds: int = 3600
+    """LEDGER_CONSOLE_SESSION_SECONDS: how long a web console sign-in lasts (default an hour)."""
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read every LEDGER_* variable; raise SettingsError naming the first bad one."""
@@ -195,4 +205,7 @@ class Settings:
             keep_alive_seconds=_int(env, "LEDGER_KEEP_ALIVE_SECONDS", 5, minimum=1, maximum=3600),
             max_connections=_int(env, "LEDGER_MAX_CONNECTIONS", 1000, minimum=1, maximum=100_000),
             heavy_reports=_int(env, "LEDGER_HEAVY_REPORTS", 1, minimum=1, maximum=64),
+            quota_per_usd=_int(env, "LEDGER_QUOTA_PER_USD", 500_000, minimum=1, maximum=10**12),
+            max_upload_bytes=_int(env, "LEDGER_MAX_UPLOAD_BYTES", 64 * 1_048_576, minimum=1024, maximum=1 << 32),
+            console_session_seconds=_int(env, "LEDGER_CONSOLE_SESSION_SECONDS", 3600, minimum=60, maximum=7 * 86400),
         )
