@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, Router
@@ -12,10 +14,14 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.plugins.prometheus import PrometheusController
 from litestar.routes import HTTPRoute
+from litestar.static_files import create_static_files_router
+from litestar.template.config import TemplateConfig
 
 from ledger_service.api.bodies import CommandSchemas, StrictBodies
+from ledger_service.api.console.routes import TEMPLATES, console_router, console_static_router
 from ledger_service.api.controllers.accounts import AccountController
 from ledger_service.api.controllers.api_keys import ApiKeyController
 from ledger_service.api.controllers.batch import BatchController
@@ -34,6 +40,7 @@ from ledger_service.observability import configure_logging
 from ledger_service.services.api_keys import ApiKeyService
 from ledger_service.services.audit import HEAVY_REPORT_STATEMENT_SECONDS, AuditService, HeavyReads
 from ledger_service.services.batch import BatchService
+from ledger_service.services.console import ConsoleService
 from ledger_service.services.housekeeping import Housekeeping
 from ledger_service.services.ledger import LedgerService
 from ledger_service.services.lifecycle import LifecycleService
@@ -96,7 +103,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
     )
     app = Litestar(
-        route_handlers=[HealthController, MetricsController, v1],
+        route_handlers=[
+            HealthController,
+            MetricsController,
+            v1,
+            console_router(),
+            console_static_router(),
+            swagger_static_router(),
+        ],
+        template_config=TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine),
         middleware=[access_log_middleware],
         plugins=[
             StrictBodies(),
@@ -114,12 +129,40 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return app
 
 
+SWAGGER_STATIC = "/static/swagger-ui"
+"""Where Swagger UI's scripts and styles are served from: the swagger-ui-py package's copy, so that /schema works
+on a network without internet access (Litestar's default loads them from a CDN)."""
+
+
+def _swagger_ui_static() -> Path:
+    spec = importlib.util.find_spec("swagger_ui")
+    assert spec is not None, "swagger-ui-py is a dependency"
+    assert spec.origin is not None
+    return Path(spec.origin).parent / "static"
+
+
+def swagger_static_router() -> Router:
+    return create_static_files_router(
+        path=SWAGGER_STATIC,
+        directories=[_swagger_ui_static()],
+        name="swagger-static",
+        include_in_schema=False,
+    )
+
+
 OPENAPI = OpenAPIConfig(
     title="Ledger service",
     version="1.0.0",
     description="A double-entry ledger for LLM API relays. See docs/api.md.",
     path="/schema",
-    render_plugins=[SwaggerRenderPlugin()],
+    render_plugins=[
+        SwaggerRenderPlugin(
+            js_url=f"{SWAGGER_STATIC}/swagger-ui-bundle.js",
+            css_url=f"{SWAGGER_STATIC}/swagger-ui.css",
+            standalone_preset_js_url=f"{SWAGGER_STATIC}/swagger-ui-standalone-preset.js",
+            favicon=f"<link rel='icon' type='image/png' href='{SWAGGER_STATIC}/favicon-32x32.png'>",
+        )
+    ],
     components=Components(
         security_schemes={
             "BearerAuth": SecurityScheme(
@@ -164,6 +207,7 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
         state.pricing = PricingService(engine)
         state.api_keys = ApiKeyService(engine)
         state.audit = audit
+        state.console = ConsoleService(engine, state.api_keys, audit, session_seconds=settings.console_session_seconds)
         state.rate_limiter = (
             RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
             if settings.rate_limit_per_second > 0
