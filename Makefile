@@ -9,7 +9,7 @@ RUN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install serve test test-clients lint format migrate bench clean
+.PHONY: install serve test test-browser test-clients lint format migrate bench clean
 
 install: $(VENV)/.synced
 
@@ -30,6 +30,12 @@ migrate: install
 
 test: install
 	$(RUN)/pytest
+
+# The web console in headless Chromium (Debian's chromium and chromium-driver; nothing downloads a browser). Skips
+# when they are missing, fails instead with LEDGER_TEST_REQUIRE_BROWSER=1 (.ci/run). Screenshots of every page go
+# to docs/images/console-*.png and $(or $(LEDGER_TEST_ARTIFACTS),test-artifacts)/.
+test-browser: install
+	$(RUN)/pytest -m browser tests/browser
 
 # The Go client (clients/go, standard library only, Go >= 1.19): its tests start their own service from .venv.
 # -count=1: the results depend on the service, not only on the Go sources, so they are never taken from the cache.

@@ -96,13 +96,18 @@ def same_token(sent: object, expected: str) -> bool:
 
 
 def cross_site(request: Request[Any, Any, Any]) -> bool:
-    """Whether the browser says the request came from another site (Sec-Fetch-Site), or names an Origin that is
-    not this service's own. Browsers send at least one of them on a form POST."""
+    """Whether the browser says the request came from another site.
+
+    Sec-Fetch-Site, which no page can set, decides when it is there. Otherwise an Origin naming another site is
+    refused. `Origin: null` says nothing: it is what a browser sends for its own form under `Referrer-Policy:
+    no-referrer` (the console's), so it is left to the double-submit token, whose SameSite=Strict cookie a page on
+    another site can neither read nor have sent.
+    """
     fetch_site = request.headers.get("sec-fetch-site")
-    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
-        return True
+    if fetch_site is not None:
+        return fetch_site not in ("same-origin", "none")
     origin = request.headers.get("origin")
-    if origin is None:
+    if origin is None or origin == "null":
         return False
     host = request.headers.get("host", "")
-    return origin.lower() not in (f"{request.url.scheme}://{host}".lower(),)
+    return origin.lower() != f"{request.url.scheme}://{host}".lower()
