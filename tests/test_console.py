@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from ledger_service.api.console.security import SESSION_COOKIE, SIGN_IN_COOKIE
-from tests.console_support import a_settled_request, form_token, sign_in, signed_in
+from tests.console_support import a_reconciliation_run, a_settled_request, form_token, sign_in, signed_in
 from tests.support import LedgerClient
 
 HTML = "text/html"
@@ -95,7 +95,7 @@ async def test_pages_without_a_session_send_to_the_sign_in_page(ledger: LedgerCl
         assert response.status_code == 303, path
         assert response.headers["location"] == "/console/sign-in"
         assert_security_headers(response)
-    forged = await ledger.client.get("/console", cookies={SESSION_COOKIE: "made-up"})
+    forged = await ledger.client.get("/console", headers={"Cookie": f"{SESSION_COOKIE}=made-up"})
     assert forged.status_code == 303
 
 
@@ -108,7 +108,7 @@ async def test_sign_out_ends_the_session(ledger: LedgerClient) -> None:
     assert out.headers["location"] == "/console/sign-in"
     assert "max-age=0" in set_cookie(out, SESSION_COOKIE).lower()
     assert await ledger.count("SELECT count(*) FROM console_sessions WHERE ended_at IS NOT NULL") == 1
-    again = await client.get("/console", cookies={SESSION_COOKIE: secret or ""})
+    again = await client.get("/console", headers={"Cookie": f"{SESSION_COOKIE}={secret}"})
     assert again.status_code == 303
 
 
@@ -328,3 +328,70 @@ async def test_schema_ui_loads_nothing_from_other_hosts(client: httpx.AsyncClien
     for ref in references:
         asset = await client.get(ref)
         assert asset.status_code == 200, ref
+
+
+async def test_runs_and_a_run_side_by_side_with_a_class_filter(ledger: LedgerClient) -> None:
+    run_id = await a_reconciliation_run(ledger.conn)
+    client = ledger.client
+    await signed_in(client, ledger.keys["auditor"])
+    listing = await client.get("/console/runs")
+    assert listing.status_code == 200
+    assert f'href="/console/runs/{run_id}"' in listing.text
+    whole = await client.get(f"/console/runs/{run_id}")
+    assert whole.status_code == 200
+    assert_security_headers(whole)
+    for item_id in (1, 2, 3):
+        assert f'id="item-{item_id}"' in whole.text
+    assert "Output tokens" in whole.text
+    assert re.search(
+        r"Output tokens</th><td class=\"num\">450</td>\s*<td class=\"num\">500</td>\s*<td class=\"num diff-neg\">-50",
+        whole.text,
+    )
+    differs = await client.get(f"/console/runs/{run_id}", params={"class": "differs"})
+    assert 'id="item-2"' in differs.text
+    assert 'id="item-1"' not in differs.text
+    assert 'id="item-3"' not in differs.text
+    assert (await client.get(f"/console/runs/{run_id}", params={"class": "bogus"})).status_code == 400
+    missing = await client.get(f"/console/runs/{run_id + 1000}")
+    assert missing.status_code == 404
+    assert missing.headers["content-type"].startswith(HTML)
+
+
+async def test_explaining_a_difference_keeps_the_note_with_its_author(ledger: LedgerClient) -> None:
+    run_id = await a_reconciliation_run(ledger.conn)
+    client = ledger.client
+    token = await signed_in(client, ledger.keys["auditor"])
+    url = f"/console/runs/{run_id}/items/2/explain"
+    assert (await client.post(url, data={"note": "forged"})).status_code == 403
+    assert (await client.post(url, data={"csrf_token": token, "note": "   "})).status_code == 400
+    assert (
+        await client.post(f"/console/runs/{run_id}/items/99/explain", data={"csrf_token": token, "note": "x"})
+    ).status_code == 404
+    note = "Provider counted a retried call <twice>"
+    done = await client.post(url, data={"csrf_token": token, "note": note, "class": "differs"})
+    assert done.status_code == 303
+    assert done.headers["location"] == f"/console/runs/{run_id}?class=differs&explained=2#item-2"
+    stored = await ledger.conn.fetchrow("SELECT note, author, author_key FROM external_explanations")
+    assert stored is not None
+    assert stored["note"] == note
+    assert stored["author"] == "test auditor"
+    page = await client.get(done.headers["location"].split("#")[0])
+    assert "Provider counted a retried call &lt;twice&gt;" in page.text  # escaped
+    assert "— test auditor" in page.text
+
+
+async def test_the_margin_page_per_channel_and_month(ledger: LedgerClient) -> None:
+    await a_settled_request(ledger)  # channel 3, gpt-4o, charged 750 quota this month
+    await a_reconciliation_run(ledger.conn)  # a recorded cost of 0.0005 USD for channel 3, gpt-4o
+    client = ledger.client
+    await signed_in(client, ledger.keys["auditor"])
+    page = await client.get("/console/margin")
+    assert page.status_code == 200
+    text = page.text
+    assert "<td>3</td><td>gpt-4o</td>" in text
+    assert "0.001500" in text  # 750 / 500,000 USD
+    assert "0.000500" in text
+    assert "0.001000" in text  # the margin
+    assert (await client.get("/console/margin", params={"month": "2026-13"})).status_code == 400
+    empty = await client.get("/console/margin", params={"month": "2001-01"})
+    assert "Nothing was charged" in empty.text

@@ -40,7 +40,7 @@ from ledger_service.observability import configure_logging
 from ledger_service.services.api_keys import ApiKeyService
 from ledger_service.services.audit import HEAVY_REPORT_STATEMENT_SECONDS, AuditService, HeavyReads
 from ledger_service.services.batch import BatchService
-from ledger_service.services.console import ConsoleService
+from ledger_service.services.console import ConsoleService, ReviewReads
 from ledger_service.services.housekeeping import Housekeeping
 from ledger_service.services.ledger import LedgerService
 from ledger_service.services.lifecycle import LifecycleService
@@ -208,6 +208,8 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
         state.api_keys = ApiKeyService(engine)
         state.audit = audit
         state.console = ConsoleService(engine, state.api_keys, audit, session_seconds=settings.console_session_seconds)
+        # The runs and margin pages' reads while the external reconciliation and margin services are not in this build.
+        state.console_reviews = ReviewReads(engine, quota_per_usd=settings.quota_per_usd)
         state.rate_limiter = (
             RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
             if settings.rate_limit_per_second > 0

@@ -104,9 +104,12 @@ class RunSummary:
     completed_at: datetime | None
     params: dict[str, Any]
     error: str | None
+    drift: list[dict[str, Any]]
 
 
-_RUN_COLUMNS = "id, status, matched, differs, only_provider, only_ledger, created_at, completed_at, params, error"
+_RUN_COLUMNS = (
+    "id, status, matched, differs, only_provider, only_ledger, created_at, completed_at, params, error, drift"
+)
 
 
 def _run(row: Any) -> RunSummary:
@@ -121,6 +124,7 @@ def _run(row: Any) -> RunSummary:
         completed_at=row.completed_at,
         params=dict(row.params or {}),
         error=row.error,
+        drift=list(row.drift or []),
     )
 
 
@@ -309,3 +313,91 @@ async def statement_range(
         )
         for r in rows
     ]
+
+
+async def item_exists(conn: AsyncConnection, run_id: int, item_id: int) -> bool:
+    found = await conn.scalar(
+        text("SELECT 1 FROM external_reconciliation_items WHERE run_id = :run_id AND id = :item_id"),
+        {"run_id": run_id, "item_id": item_id},
+    )
+    return found is not None
+
+
+async def insert_explanation(
+    conn: AsyncConnection, run_id: int, item_id: int, *, note: str, author: str, author_key: int
+) -> Explanation:
+    row = (
+        await conn.execute(
+            text(
+                "INSERT INTO external_explanations (run_id, item_id, note, author_key, author)"
+                " VALUES (:run_id, :item_id, :note, :author_key, :author) RETURNING note, author, created_at"
+            ),
+            {"run_id": run_id, "item_id": item_id, "note": note, "author_key": author_key, "author": author},
+        )
+    ).one()
+    return Explanation(row.note, row.author, row.created_at)
+
+
+# Margin --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelCharges:
+    channel_id: int | None
+    model: str | None
+    quota: int
+    input_tokens: int
+    output_tokens: int
+    requests: int
+
+
+async def charges_by_channel_model(conn: AsyncConnection, *, start: datetime, end: datetime) -> list[ChannelCharges]:
+    rows = await conn.execute(
+        text(
+            """
+            SELECT e.channel_id, e.details->>'model' AS model, sum(e.charged) AS quota,
+                   coalesce(sum((e.details->>'prompt_tokens')::bigint), 0) AS input_tokens,
+                   coalesce(sum((e.details->>'completion_tokens')::bigint), 0) AS output_tokens,
+                   count(*) FILTER (WHERE e.kind <> 'reversal') - count(*) FILTER (WHERE e.kind = 'reversal')
+                       AS requests
+              FROM entries e
+             WHERE e.charged IS NOT NULL AND e.created_at >= :start AND e.created_at < :end
+             GROUP BY 1, 2
+            """
+        ),
+        {"start": start, "end": end},
+    )
+    return [
+        ChannelCharges(r.channel_id, r.model, int(r.quota), int(r.input_tokens), int(r.output_tokens), int(r.requests))
+        for r in rows
+    ]
+
+
+async def provider_costs(
+    conn: AsyncConnection, *, start: datetime, end: datetime
+) -> dict[tuple[int | None, str | None], Any]:
+    """Recorded provider costs per (channel, model): the record's channel, else its api key's or project's in the
+    channel map, else its upload's."""
+    rows = await conn.execute(
+        text(
+            """
+            SELECT coalesce(r.channel_id, mk.channel_id, mp.channel_id, u.channel_id) AS channel_id, r.model,
+                   sum(r.cost_usd) AS cost
+              FROM external_records r
+              JOIN external_uploads u ON u.id = r.upload_id
+              LEFT JOIN external_channel_map mk ON mk.source = u.source AND mk.external_key = r.api_key_id
+              LEFT JOIN external_channel_map mp ON mp.source = u.source AND mp.external_key = r.project_id
+             WHERE r.cost_usd IS NOT NULL AND r.bucket_start >= :start AND r.bucket_start < :end
+             GROUP BY 1, 2
+            """
+        ),
+        {"start": start, "end": end},
+    )
+    return {(r.channel_id, r.model): r.cost for r in rows}
+
+
+async def provider_prices(conn: AsyncConnection) -> dict[str, tuple[Any, Any, Any]]:
+    rows = await conn.execute(
+        text("SELECT model, input_usd_per_mtok, output_usd_per_mtok, request_usd FROM provider_prices")
+    )
+    return {r.model: (r.input_usd_per_mtok, r.output_usd_per_mtok, r.request_usd) for r in rows}

@@ -13,6 +13,7 @@ for `USAGE_CACHE_SECONDS`.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from collections import deque
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -455,3 +456,199 @@ async def _with_balances(conn: AsyncConnection, address: str, found: list[consol
             )
         )
     return lines
+
+
+# External reconciliation runs and the margin report ------------------------------------------------------------
+# Read from their tables directly, for as long as their own services (external reconciliation, margin) are not part
+# of this build; the pages use those services when the app has them (api/console/routes.py).
+
+MONTH = re.compile(r"\A([0-9]{4})-(0[1-9]|1[0-2])\Z")
+NOTE_MAX = 2000
+CENT = Decimal("0.000001")
+
+
+@dataclass(frozen=True, slots=True)
+class RunPage:
+    items: list[console.RunSummary]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunDetail:
+    id: int
+    status: str
+    params: dict[str, Any]
+    matched: int
+    differs: int
+    only_provider: int
+    only_ledger: int
+    error: str | None
+    created_at: datetime
+    completed_at: datetime | None
+    items: list[console.RunItem]
+    next_cursor: str | None
+    drift: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class MarginRow:
+    channel_id: int | None
+    model: str | None
+    charged_quota: int
+    charged_usd: str
+    provider_cost_usd: str | None
+    cost_estimated: bool
+    margin_usd: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MarginTotals:
+    charged_quota: int
+    charged_usd: str
+    provider_cost_usd: str
+    margin_usd: str
+    rows_without_cost: int
+
+
+@dataclass(frozen=True, slots=True)
+class MarginPage:
+    month: str
+    quota_per_usd: int
+    rows: list[MarginRow]
+    totals: MarginTotals
+
+
+def _cursor_id(cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    if re.fullmatch(r"[0-9]{1,18}", cursor) is None:
+        raise errors.ValidationFailed("cursor is not one this service gave out")
+    return int(cursor)
+
+
+def month_bounds(month: str) -> tuple[datetime, datetime]:
+    match = MONTH.match(month)
+    if match is None or not 1 <= int(match.group(1)) <= 9998:
+        raise errors.ValidationFailed("month must be YYYY-MM, such as 2026-12")
+    year, number = int(match.group(1)), int(match.group(2))
+    return datetime(year, number, 1, tzinfo=UTC), datetime(year + number // 12, number % 12 + 1, 1, tzinfo=UTC)
+
+
+def _usd(amount: Decimal) -> str:
+    return format(amount.quantize(CENT), "f")
+
+
+class ReviewReads:
+    """Runs, their items and explanations, and the margin report, straight from their tables."""
+
+    def __init__(self, engine: AsyncEngine, *, quota_per_usd: int) -> None:
+        self.engine = engine
+        self.quota_per_usd = quota_per_usd
+
+    async def _read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        return await run_transaction(self.engine, work, isolation_level="REPEATABLE READ")
+
+    async def runs(self, cursor: str | None, limit: int) -> RunPage:
+        before = _cursor_id(cursor)
+
+        async def work(conn: AsyncConnection) -> list[console.RunSummary]:
+            return await console.runs(conn, before=before, limit=limit)
+
+        rows = await self._read(work)
+        return RunPage(items=rows, next_cursor=str(rows[-1].id) if len(rows) == limit else None)
+
+    async def run(self, run_id: int, class_filter: str | None, cursor: str | None, limit: int | None) -> RunDetail:
+        after = _cursor_id(cursor) or 0
+        page = limit or 1_000_000
+
+        async def work(conn: AsyncConnection) -> RunDetail:
+            found = await console.run(conn, run_id)
+            if found is None:
+                raise errors.NotFound(f"reconciliation run {run_id} does not exist")
+            items = await console.run_items(conn, run_id, klass=class_filter, after=after, limit=page)
+            return RunDetail(
+                id=found.id,
+                status=found.status,
+                params=found.params,
+                matched=found.matched,
+                differs=found.differs,
+                only_provider=found.only_provider,
+                only_ledger=found.only_ledger,
+                error=found.error,
+                created_at=found.created_at,
+                completed_at=found.completed_at,
+                items=items,
+                next_cursor=str(items[-1].id) if limit is not None and len(items) == limit else None,
+                drift=found.drift,
+            )
+
+        return await self._read(work)
+
+    async def explain(self, run_id: int, item_id: int, note: str, author: Principal) -> console.Explanation:
+        async def work(conn: AsyncConnection) -> console.Explanation:
+            if await console.run(conn, run_id) is None:
+                raise errors.NotFound(f"reconciliation run {run_id} does not exist")
+            if not await console.item_exists(conn, run_id, item_id):
+                raise errors.NotFound(f"run {run_id} has no item {item_id}")
+            return await console.insert_explanation(
+                conn, run_id, item_id, note=note, author=author.name, author_key=author.key_id
+            )
+
+        return await run_transaction(self.engine, work)
+
+    async def margin(self, month: str) -> MarginPage:
+        start, end = month_bounds(month)
+        per_usd = Decimal(self.quota_per_usd)
+
+        async def work(
+            conn: AsyncConnection,
+        ) -> tuple[list[console.ChannelCharges], dict[tuple[int | None, str | None], Any], dict[str, Any]]:
+            return (
+                await console.charges_by_channel_model(conn, start=start, end=end),
+                await console.provider_costs(conn, start=start, end=end),
+                await console.provider_prices(conn),
+            )
+
+        charges, costs, prices = await self._read(work)
+        by_key = {(c.channel_id, c.model): c for c in charges}
+        keys = sorted(set(by_key) | set(costs), key=lambda k: (k[0] is None, k[0] or 0, k[1] is None, k[1] or ""))
+        rows = []
+        for key in keys:
+            charge = by_key.get(key)
+            quota = charge.quota if charge else 0
+            charged = Decimal(quota) / per_usd
+            cost: Decimal | None = None if key not in costs else Decimal(costs[key])
+            estimated = False
+            price = prices.get(key[1] or "")
+            if cost is None and charge is not None and price is not None:
+                cost = (
+                    Decimal(charge.input_tokens) * Decimal(price[0]) + Decimal(charge.output_tokens) * Decimal(price[1])
+                ) / Decimal(1_000_000) + Decimal(charge.requests) * Decimal(price[2])
+                estimated = True
+            rows.append(
+                MarginRow(
+                    channel_id=key[0],
+                    model=key[1],
+                    charged_quota=quota,
+                    charged_usd=_usd(charged),
+                    provider_cost_usd=None if cost is None else _usd(cost),
+                    cost_estimated=estimated,
+                    margin_usd=None if cost is None else _usd(charged - cost),
+                )
+            )
+        known = [row for row in rows if row.provider_cost_usd is not None]
+        total_cost = sum((Decimal(row.provider_cost_usd or 0) for row in known), Decimal(0))
+        known_charged = sum((Decimal(row.charged_usd) for row in known), Decimal(0))
+        total_quota = sum(row.charged_quota for row in rows)
+        return MarginPage(
+            month=month,
+            quota_per_usd=self.quota_per_usd,
+            rows=rows,
+            totals=MarginTotals(
+                charged_quota=total_quota,
+                charged_usd=_usd(Decimal(total_quota) / per_usd),
+                provider_cost_usd=_usd(total_cost),
+                margin_usd=_usd(known_charged - total_cost),
+                rows_without_cost=len(rows) - len(known),
+            ),
+        )

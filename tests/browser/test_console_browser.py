@@ -16,7 +16,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.browser.conftest import Browser
-from tests.console_support import a_settled_request
+from tests.console_support import a_reconciliation_run, a_settled_request
 from tests.support import LedgerClient
 
 pytestmark = pytest.mark.browser
@@ -205,5 +205,44 @@ async def test_the_pages_are_usable_with_the_keyboard(ledger: LedgerClient, in_b
         driver.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
         outline = driver.execute_script("return getComputedStyle(document.activeElement).outlineStyle")
         assert outline == "solid"
+
+    await in_browser(scenario)
+
+
+async def test_review_a_run_and_explain_a_difference(ledger: LedgerClient, in_browser: InBrowser) -> None:
+    await a_settled_request(ledger)
+    run_id = await a_reconciliation_run(ledger.conn)
+    auditor = ledger.keys["auditor"]
+    note = "The provider billed a retried call twice; ticket FIN-42"
+
+    def scenario(b: Browser) -> None:
+        driver = b.driver
+        sign_in(b, auditor)
+        driver.find_element(By.LINK_TEXT, "Reconciliation runs").click()
+        wait(driver, on_page("Reconciliation runs"))
+        no_unlabelled_inputs(driver)
+        b.screenshot("runs")
+        driver.find_element(By.LINK_TEXT, f"Run #{run_id}").click()
+        wait(driver, on_page(f"Reconciliation run #{run_id}"))
+        no_unlabelled_inputs(driver)
+        # Only the differences: choose the class and filter.
+        driver.find_element(By.ID, "class").send_keys("differs")
+        driver.find_element(By.CSS_SELECTOR, "main form.inline button").click()
+        wait(driver, lambda d: "class=differs" in d.current_url)
+        assert driver.find_elements(By.ID, "item-2")
+        assert not driver.find_elements(By.ID, "item-1")
+        field = driver.find_element(By.ID, "note-2")
+        field.send_keys(note)
+        driver.find_element(By.CSS_SELECTOR, "#item-2 form.explain button").click()
+        wait(driver, lambda d: "explained=2" in d.current_url)
+        item = driver.find_element(By.ID, "item-2")
+        assert note in item.text
+        assert "test auditor" in item.text
+        b.screenshot("run")
+        driver.find_element(By.LINK_TEXT, "Margin").click()
+        wait(driver, on_page("Margin per channel and model"))
+        no_unlabelled_inputs(driver)
+        assert "gpt-4o" in driver.find_element(By.TAG_NAME, "main").text
+        b.screenshot("margin")
 
     await in_browser(scenario)

@@ -17,16 +17,23 @@ from typing import Annotated, Any
 
 from litestar import Request, Response, Router, get, post
 from litestar.exceptions import HTTPException
-from litestar.params import QueryParameter
+from litestar.params import PathParameter, QueryParameter
 from litestar.response import Redirect, Stream, Template
 from litestar.static_files import create_static_files_router
 
 from ledger_service.api.console import security
 from ledger_service.api.console.chart import usage_chart
+from ledger_service.api.console.review import side_by_side
 from ledger_service.domain import errors
 from ledger_service.domain.errors import LedgerError
 from ledger_service.services.api_keys import Principal
-from ledger_service.services.console import ConsoleService, ConsoleSession, SignInRefused, TooManySignIns
+from ledger_service.services.console import (
+    NOTE_MAX,
+    ConsoleService,
+    ConsoleSession,
+    SignInRefused,
+    TooManySignIns,
+)
 
 log = logging.getLogger(__name__)
 
@@ -295,10 +302,117 @@ async def statement_csv(
     )
 
 
+# Reconciliation runs and the margin report ---------------------------------------------------------------------
+
+RUN_CLASSES = ("differs", "only_provider", "only_ledger", "matched")
+ITEMS_PER_PAGE = 100
+RUNS_PER_PAGE = 50
+MAX_ID = 2**63 - 1
+MAX_ITEM_ID = 2**31 - 1
+
+
+def _reviews(request: Request[Any, Any, Any]) -> Any:
+    """The external reconciliation service when the app has one, else the console's own reads of its tables."""
+    state = request.app.state
+    return state.external_reconciliations if "external_reconciliations" in state else state.console_reviews
+
+
+def _margins(request: Request[Any, Any, Any]) -> Any:
+    state = request.app.state
+    return state.margins if "margins" in state else state.console_reviews
+
+
+def _class_filter(value: str | None) -> str | None:
+    wanted = (value or "").strip()
+    if not wanted:
+        return None
+    if wanted not in RUN_CLASSES:
+        raise errors.ValidationFailed(f"class must be one of {', '.join(RUN_CLASSES)}")
+    return wanted
+
+
+def _run_id(run_id: int) -> int:
+    if not 0 < run_id <= MAX_ID:
+        raise errors.NotFound(f"reconciliation run {run_id} does not exist")
+    return run_id
+
+
+@get("/runs", name="console-runs")
+async def runs(
+    request: Request[Any, Any, Any], cursor: Annotated[str | None, QueryParameter(name="cursor")] = None
+) -> Template:
+    found = await _reviews(request).runs(cursor or None, RUNS_PER_PAGE)
+    return page(request, "runs.html", runs=found)
+
+
+@get("/runs/{run_id:int}", name="console-run")
+async def run(
+    request: Request[Any, Any, Any],
+    run_id: Annotated[int, PathParameter()],
+    klass: Annotated[str | None, QueryParameter(name="class")] = None,
+    cursor: Annotated[str | None, QueryParameter(name="cursor")] = None,
+) -> Template:
+    wanted = _class_filter(klass)
+    found = await _reviews(request).run(_run_id(run_id), wanted, cursor or None, ITEMS_PER_PAGE)
+    items = [(item, *side_by_side(item.ledger, item.provider, item.difference)) for item in found.items]
+    return page(
+        request,
+        "run.html",
+        run=found,
+        items=items,
+        klass=wanted or "",
+        classes=RUN_CLASSES,
+        cursor=cursor or "",
+        explained=request.query_params.get("explained"),
+    )
+
+
+@post("/runs/{run_id:int}/items/{item_id:int}/explain", name="console-explain", status_code=303)
+async def explain(
+    request: Request[Any, Any, Any], run_id: Annotated[int, PathParameter()], item_id: Annotated[int, PathParameter()]
+) -> Response[Any]:
+    form = await request.form()
+    note = form.get("note")
+    note = note.strip() if isinstance(note, str) else ""
+    if not note:
+        raise errors.ValidationFailed("write a note explaining the difference")
+    if len(note) > NOTE_MAX or "\x00" in note:
+        raise errors.ValidationFailed(f"a note has at most {NOTE_MAX} characters")
+    if not 0 < item_id <= MAX_ITEM_ID:
+        raise errors.NotFound(f"run {run_id} has no item {item_id}")
+    session = _session(request)
+    author = Principal(session.api_key_id, session.name, session.role)
+    await _reviews(request).explain(_run_id(run_id), item_id, note, author)
+    wanted = _class_filter(form.get("class") if isinstance(form.get("class"), str) else None)
+    query = f"?class={wanted}&explained={item_id}" if wanted else f"?explained={item_id}"
+    return Redirect(f"/console/runs/{run_id}{query}#item-{item_id}", status_code=303)
+
+
+@get("/margin", name="console-margin")
+async def margin(
+    request: Request[Any, Any, Any], month: Annotated[str | None, QueryParameter(name="month")] = None
+) -> Template:
+    wanted = (month or "").strip() or datetime.now(UTC).strftime("%Y-%m")
+    found = await _margins(request).margin(wanted)
+    return page(request, "margin.html", margin=found, month=wanted)
+
+
 def console_router() -> Router:
     return Router(
         path="/console",
-        route_handlers=[sign_in_form, sign_in, sign_out, overview, request_lookup, statement, statement_csv],
+        route_handlers=[
+            sign_in_form,
+            sign_in,
+            sign_out,
+            overview,
+            request_lookup,
+            statement,
+            statement_csv,
+            runs,
+            run,
+            explain,
+            margin,
+        ],
         before_request=admit_console,
         exception_handlers={Exception: console_error},
         middleware=[security.security_headers_middleware],
