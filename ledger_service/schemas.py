@@ -424,6 +424,8 @@ class ReconciliationCommand(Command):
         for instant in (self.since, self.until):
             if instant is not None and instant.utcoffset() is None:
                 raise ValueError("since and until need a time zone offset (RFC 3339)")
+            if instant is not None and not 1 < instant.year < 9999:
+                raise ValueError("since and until must lie within the years 2-9998")
         if self.since is not None and self.until is not None and self.since >= self.until:
             raise ValueError("since must be before until")
 

@@ -207,6 +207,7 @@ async def test_the_same_input_is_the_same_run(ledger: LedgerClient) -> None:
         {"upload_id": 1, "tolerance": {"tokens_pct": -1}},
         {"upload_id": 1, "tolerance": {"bogus": 1}},
         {"upload_id": 0},
+        {"since": "9999-12-31T23:00:00-05:00", "until": "9999-12-31T23:30:00-05:00"},
     ],
 )
 async def test_bad_input_is_refused(ledger: LedgerClient, body: dict[str, Any]) -> None:
@@ -360,7 +361,7 @@ async def test_items_by_class_in_pages_and_as_csv(ledger: LedgerClient) -> None:
     rest = (await ledger.get(f"{url}?class=only_provider&limit=1&cursor={page['next_cursor']}", as_="auditor")).json()
     assert [i["class"] for i in rest["items"]] == ["only_provider"]
     assert rest["items"][0]["id"] > page["items"][0]["id"]
-    for query in ("?class=weird", "?limit=0", "?cursor=abc", "?colour=red"):
+    for query in ("?class=weird", "?limit=0", "?cursor=abc", "?cursor=%C2%B2", "?colour=red"):
         response = await ledger.get(url + query, as_="auditor")
         assert (response.status_code, response.json()["code"]) == (400, "validation_error"), query
 

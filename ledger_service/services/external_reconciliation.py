@@ -10,6 +10,7 @@ and continues from its cursor. Rules: domain/external_matching.py; SQL: db/exter
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
@@ -60,7 +61,7 @@ AfterChunk = Callable[[int], Awaitable[None]]
 def parse_cursor(cursor: str | None) -> int | None:
     if cursor is None:
         return None
-    if not cursor.isdigit() or len(cursor) > 18:
+    if re.fullmatch(r"[0-9]{1,18}", cursor) is None:
         raise errors.ValidationFailed("cursor is not one this service gave out")
     return int(cursor)
 

@@ -34,7 +34,7 @@ def month_bounds(month: str) -> tuple[datetime, datetime]:
     if match is None:
         raise errors.ValidationFailed("month must be YYYY-MM, such as 2026-12")
     year, number = int(match.group(1)), int(match.group(2))
-    if year < 1:
+    if not 1 <= year <= 9998:
         raise errors.ValidationFailed("month must be YYYY-MM, such as 2026-12")
     start = datetime(year, number, 1, tzinfo=UTC)
     end = datetime(year + number // 12, number % 12 + 1, 1, tzinfo=UTC)

@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
-from litestar.params import JSONBody, Parameter, QueryParameter
+from litestar.openapi.spec import OpenAPIType
+from litestar.params import JSONBody, QueryParameter
 from litestar.response import Response
 
 from ledger_service.api import auth
@@ -58,6 +59,12 @@ ITEM_COLUMNS = (
     "reasons",
     "explanations",
 )
+MONTH_SCHEMA = {
+    "one_of": None,
+    "type": OpenAPIType.STRING,
+    "pattern": "^[0-9]{4}-(0[1-9]|1[0-2])$",
+    "description": "The calendar month (UTC), YYYY-MM (required).",
+}
 MARGIN_COLUMNS = (
     "channel_id",
     "model",
@@ -167,7 +174,7 @@ class ExternalReconciliationController(Controller):
         self,
         request: Request,  # type: ignore[type-arg]
         run_id: PathId,
-        item_id: Annotated[str, Parameter(description="The item's id within the run")],
+        item_id: PathId,
         data: JSONBody[ExplainCommand],
         reconciliations: NamedDependency[ExternalReconciliationService],
     ) -> ExplanationView:
@@ -192,7 +199,7 @@ class MarginController(Controller):
         self,
         request: Request,  # type: ignore[type-arg]
         margins: NamedDependency[MarginService],
-        month: Annotated[str | None, QueryParameter(description="The calendar month (UTC), YYYY-MM")] = None,
+        month: Annotated[str | None, QueryParameter(schema_extra=MONTH_SCHEMA)] = None,
     ) -> Response[MarginView] | Response[str]:
         if month is None:
             raise errors.ValidationFailed("month is required (YYYY-MM)")
