@@ -406,6 +406,8 @@ class ToleranceBody(Command):
             value = getattr(self, name)
             if value is not None and (not value.is_finite() or value < 0 or value > 10**9):
                 raise ValueError(f"{name} must be a number between 0 and 10^9")
+            if value is not None and value != 0 and int(value.as_tuple().exponent) < -18:
+                raise ValueError(f"{name} has more than 18 decimal places")
 
 
 class ReconciliationCommand(Command):

@@ -160,24 +160,30 @@ class ExternalReconciliationService:
         progress: dict[str, Any] = dict(row.progress)
         items = await self._tx(lambda conn: self._plan(conn, row.params, progress), read=True)
         position = int(progress["next"])
+        tally = counts(items[:position])
         while position < len(items):
             chunk = items[position : position + self.chunk_size]
-            expected = position
+            chunk_tally = counts(chunk)
+            so_far = {name: tally[name] + chunk_tally[name] for name in tally}
 
-            async def write(conn: AsyncConnection, chunk: list[Item] = chunk, expected: int = expected) -> bool:
+            async def write(
+                conn: AsyncConnection,
+                chunk: list[Item] = chunk,
+                expected: int = position,
+                so_far: dict[str, int] = so_far,
+            ) -> bool:
                 current = await store.run(conn, run_id, lock=True)
                 if current is None or current.status != "running" or current.progress is None:
                     return False
                 if int(current.progress["next"]) != expected:
                     return False  # another process took the run over and moved on: leave it to it
                 done = expected + len(chunk)
-                await store.write_chunk(
-                    conn, run_id, chunk, progress={**progress, "next": done}, counts=counts(items[:done])
-                )
+                await store.write_chunk(conn, run_id, chunk, progress={**progress, "next": done}, counts=so_far)
                 return True
 
             if not await self._tx(write):
                 return
+            tally = so_far
             position += len(chunk)
             if self.after_chunk is not None:
                 await self.after_chunk(position)
