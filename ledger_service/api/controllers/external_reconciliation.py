@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIType
 from litestar.params import JSONBody, QueryParameter
 from litestar.response import Response
@@ -113,7 +114,14 @@ class ExternalReconciliationController(Controller):
         "/",
         status_code=201,
         opt={"roles": auth.ADMIN_ONLY},
-        responses=PROBLEMS,
+        responses={
+            **PROBLEMS,
+            200: ResponseSpec(
+                data_container=RunView,
+                description="The same input was run before: that run (continued first if it had stopped)",
+                generate_examples=False,
+            ),
+        },
         summary="Reconcile provider records with the ledger (the same input again: the same run, 200)",
     )
     async def start(
