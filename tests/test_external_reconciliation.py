@@ -3,6 +3,7 @@ resumption after an interrupted run, explanations (append-only), CSV, roles. Rea
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 from datetime import datetime, timedelta
@@ -396,3 +397,42 @@ async def test_roles(ledger: LedgerClient) -> None:
     assert (await ledger.post(explain, {"note": unique("n")}, as_="relay")).status_code == 403
     assert (await ledger.post(explain, {"note": unique("n")}, as_="auditor")).status_code == 201
     assert (await ledger.post(explain, {"note": unique("n")}, as_="admin")).status_code == 201
+
+
+async def test_concurrent_posts_of_one_input_make_one_run(ledger: LedgerClient) -> None:
+    upload, _ = await plant(ledger)
+    body = {"upload_id": upload, "tolerance": TOLERANCE}
+    responses = await asyncio.gather(*(ledger.post(PATH, body, as_="admin") for _ in range(4)))
+    assert sorted(r.status_code for r in responses) == [200, 200, 200, 201]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert await ledger.count("SELECT count(*) FROM external_reconciliations") == 1
+    assert await ledger.count("SELECT count(*) FROM external_reconciliation_items") == 8
+
+
+async def test_hourly_records_give_hourly_only_ledger_buckets(ledger: LedgerClient) -> None:
+    await ledger.fund(1, 10**9)
+    await ledger.token(1, 1)
+    await consume(ledger, 1, "gpt-4o", 100, 10)
+    await consume(ledger, 6, "gpt-4o", 100, 10)
+    hour: datetime = await ledger.conn.fetchval("SELECT date_trunc('hour', now(), 'UTC')")
+    await insert_upload(
+        ledger.conn,
+        "csv",
+        [
+            record(
+                hour, hour + timedelta(hours=1), "gpt-4o", channel_id=1, input_tokens=100, output_tokens=10, requests=1
+            )
+        ],
+    )
+    window = {"since": _iso(hour - timedelta(hours=2)), "until": _iso(hour + timedelta(hours=2))}
+    response = await ledger.post(PATH, window, as_="admin")
+    assert response.status_code == 201, response.text
+    items = response.json()["items"]
+    assert [(i["class"], i["channel_id"], i["bucket_start"], i["bucket_end"]) for i in items] == [
+        ("matched", 1, _iso(hour), _iso(hour + timedelta(hours=1))),
+        ("only_ledger", 6, _iso(hour), _iso(hour + timedelta(hours=1))),
+    ]
+
+
+def _iso(instant: datetime) -> str:
+    return instant.isoformat().replace("+00:00", "Z")
