@@ -20,6 +20,7 @@ from ledger_service.api.controllers.accounts import AccountController
 from ledger_service.api.controllers.api_keys import ApiKeyController
 from ledger_service.api.controllers.batch import BatchController
 from ledger_service.api.controllers.entries import EntryController
+from ledger_service.api.controllers.external_reconciliation import ExternalReconciliationController, MarginController
 from ledger_service.api.controllers.funding import FundingController
 from ledger_service.api.controllers.health import HealthController
 from ledger_service.api.controllers.pricing import PricingController
@@ -34,9 +35,11 @@ from ledger_service.observability import configure_logging
 from ledger_service.services.api_keys import ApiKeyService
 from ledger_service.services.audit import HEAVY_REPORT_STATEMENT_SECONDS, AuditService, HeavyReads
 from ledger_service.services.batch import BatchService
+from ledger_service.services.external_reconciliation import ExternalReconciliationService
 from ledger_service.services.housekeeping import Housekeeping
 from ledger_service.services.ledger import LedgerService
 from ledger_service.services.lifecycle import LifecycleService
+from ledger_service.services.margin import MarginService
 from ledger_service.services.pricing import PricingService
 from ledger_service.settings import Settings, SettingsError
 
@@ -56,6 +59,8 @@ DEPENDENCIES = {
     "keys": _provide("api_keys"),
     "audit": _provide("audit"),
     "batches": _provide("batches"),
+    "reconciliations": _provide("external_reconciliations"),
+    "margins": _provide("margins"),
 }
 """Handler parameter -> the service it receives."""
 
@@ -93,6 +98,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ApiKeyController,
             AccountsController,
             ReportsController,
+            ExternalReconciliationController,
+            MarginController,
         ],
     )
     app = Litestar(
@@ -164,6 +171,8 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
         state.pricing = PricingService(engine)
         state.api_keys = ApiKeyService(engine)
         state.audit = audit
+        state.external_reconciliations = ExternalReconciliationService(engine, settings)
+        state.margins = MarginService(engine, settings)
         state.rate_limiter = (
             RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
             if settings.rate_limit_per_second > 0
