@@ -20,6 +20,7 @@ from ledger_service.api.controllers.accounts import AccountController
 from ledger_service.api.controllers.api_keys import ApiKeyController
 from ledger_service.api.controllers.batch import BatchController
 from ledger_service.api.controllers.entries import EntryController
+from ledger_service.api.controllers.external import ExternalController, upload_router
 from ledger_service.api.controllers.funding import FundingController
 from ledger_service.api.controllers.health import HealthController
 from ledger_service.api.controllers.pricing import PricingController
@@ -34,6 +35,7 @@ from ledger_service.observability import configure_logging
 from ledger_service.services.api_keys import ApiKeyService
 from ledger_service.services.audit import HEAVY_REPORT_STATEMENT_SECONDS, AuditService, HeavyReads
 from ledger_service.services.batch import BatchService
+from ledger_service.services.external import ExternalService
 from ledger_service.services.housekeeping import Housekeeping
 from ledger_service.services.ledger import LedgerService
 from ledger_service.services.lifecycle import LifecycleService
@@ -56,6 +58,7 @@ DEPENDENCIES = {
     "keys": _provide("api_keys"),
     "audit": _provide("audit"),
     "batches": _provide("batches"),
+    "external": _provide("external"),
 }
 """Handler parameter -> the service it receives."""
 
@@ -93,6 +96,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ApiKeyController,
             AccountsController,
             ReportsController,
+            ExternalController,
+            upload_router(settings.max_upload_bytes),  # its own body limit: LEDGER_MAX_UPLOAD_BYTES
         ],
     )
     app = Litestar(
@@ -164,6 +169,7 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
         state.pricing = PricingService(engine)
         state.api_keys = ApiKeyService(engine)
         state.audit = audit
+        state.external = ExternalService(engine)
         state.rate_limiter = (
             RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
             if settings.rate_limit_per_second > 0
