@@ -349,7 +349,8 @@ class ExternalRecordView(View):
     cached_tokens: int | None
     cache_creation_tokens: int | None
     requests: int | None
-    cost_usd: Decimal | None
+    cost_usd: str | None
+    """USD as a decimal string, every digit the file had (no exponent)."""
     currency: str | None
     line_item: str | None
     raw: msgspec.Raw
@@ -376,11 +377,13 @@ class ChannelMapView(View):
 
 
 class ProviderPriceView(View):
+    """USD as decimal strings, exactly as set (no exponent)."""
+
     model: str
-    input_usd_per_mtok: Decimal
-    output_usd_per_mtok: Decimal
-    cached_input_usd_per_mtok: Decimal | None
-    request_usd: Decimal
+    input_usd_per_mtok: str
+    output_usd_per_mtok: str
+    cached_input_usd_per_mtok: str | None
+    request_usd: str
     updated_at: datetime | None = None
 
 

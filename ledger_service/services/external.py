@@ -12,6 +12,8 @@ import base64
 import binascii
 import hashlib
 from dataclasses import dataclass
+from decimal import Decimal
+from typing import overload
 
 import msgspec
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -58,6 +60,15 @@ def _position(prefix: str, cursor: str | None) -> int | None:
     if tag != prefix or not 0 <= value < 2**63:
         raise errors.ValidationFailed("cursor is not one this service handed out")
     return value
+
+
+@overload
+def usd(value: Decimal) -> str: ...
+@overload
+def usd(value: Decimal | None) -> str | None: ...
+def usd(value: Decimal | None) -> str | None:
+    """A decimal as a string in plain notation, every digit kept: `1E-21` is `0.000000000000000000001`."""
+    return None if value is None else f"{value:f}"
 
 
 def _upload_view(row: external.UploadRow) -> UploadView:
@@ -168,7 +179,7 @@ class ExternalService:
                     cached_tokens=r.cached_tokens,
                     cache_creation_tokens=r.cache_creation_tokens,
                     requests=r.requests,
-                    cost_usd=r.cost_usd,
+                    cost_usd=usd(r.cost_usd),
                     currency=r.currency,
                     line_item=r.line_item,
                     raw=msgspec.Raw(r.raw.encode()),
@@ -220,10 +231,10 @@ class ExternalService:
         created: bool = await run_transaction(self.engine, work)
         view = ProviderPriceView(
             model=model,
-            input_usd_per_mtok=command.input_usd_per_mtok,
-            output_usd_per_mtok=command.output_usd_per_mtok,
-            cached_input_usd_per_mtok=command.cached_input_usd_per_mtok,
-            request_usd=command.request_usd,
+            input_usd_per_mtok=usd(command.input_usd_per_mtok),
+            output_usd_per_mtok=usd(command.output_usd_per_mtok),
+            cached_input_usd_per_mtok=usd(command.cached_input_usd_per_mtok),
+            request_usd=usd(command.request_usd),
         )
         return view, created
 
@@ -233,10 +244,10 @@ class ExternalService:
             items=[
                 ProviderPriceView(
                     model=r.model,
-                    input_usd_per_mtok=r.input_usd_per_mtok,
-                    output_usd_per_mtok=r.output_usd_per_mtok,
-                    cached_input_usd_per_mtok=r.cached_input_usd_per_mtok,
-                    request_usd=r.request_usd,
+                    input_usd_per_mtok=usd(r.input_usd_per_mtok),
+                    output_usd_per_mtok=usd(r.output_usd_per_mtok),
+                    cached_input_usd_per_mtok=usd(r.cached_input_usd_per_mtok),
+                    request_usd=usd(r.request_usd),
                     updated_at=r.updated_at,
                 )
                 for r in rows
