@@ -29,7 +29,7 @@ from tests.external_fixtures import (
 from tests.support import ADMIN_SECRET, LedgerClient, assert_problem
 
 MAX_BODY = 2048
-MAX_UPLOAD = 64 * 1024
+MAX_UPLOAD = 256 * 1024
 
 
 @pytest.fixture
@@ -174,7 +174,7 @@ async def test_the_upload_route_has_its_own_body_limit(ledger: LedgerClient) -> 
     assert response.status_code == 201, response.text
     assert response.json()["records"] == 399
 
-    too_big = csv_file([f"2026-11-01,1,gpt-4o,{n},1,1,0" for n in range(1, 3000)])
+    too_big = csv_file([f"2026-11-01,1,gpt-4o,{n},1,1,0" for n in range(1, 12000)])
     assert len(too_big) > MAX_UPLOAD
     assert_problem(await upload_raw(ledger, too_big, "source=csv", content_type="text/csv"), 413, "payload_too_large")
     multipart = await ledger.client.post(
@@ -188,6 +188,17 @@ async def test_the_upload_route_has_its_own_body_limit(ledger: LedgerClient) -> 
     padded = {"input_usd_per_mtok": "2.5", "output_usd_per_mtok": "10", "pad": "x" * MAX_BODY}
     assert_problem(await ledger.put("/v1/external/provider-prices/gpt-4o", padded, as_="admin"), 413)
     assert await stored(ledger) == (1, 399)
+
+
+async def test_a_file_of_many_records_is_stored_whole(ledger: LedgerClient) -> None:
+    content = csv_file([f"2026-11-01,1,m,{n},1,1,0" for n in range(6001)])  # over one executemany's 5000
+    assert len(content) < MAX_UPLOAD
+    response = await upload_raw(ledger, content, "source=csv", content_type="text/csv")
+    assert response.status_code == 201, response.text
+    assert response.json()["records"] == 6001
+    total = await ledger.conn.fetchrow("SELECT count(*), sum(input_tokens), max(line) FROM external_records")
+    assert total is not None
+    assert tuple(total) == (6001, sum(range(6001)), 6002)  # CSV lines: the header is line 1
 
 
 async def test_two_identical_uploads_at_once_store_one(ledger: LedgerClient) -> None:

@@ -108,8 +108,9 @@ provider_prices = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
-INSERT_CHUNK = 2000
-"""Records per INSERT statement (17 parameters each: well under PostgreSQL's 32767)."""
+INSERT_CHUNK = 5000
+"""Records handed to one executemany; SQLAlchemy sends them as multi-row INSERTs of 1000 rows (17,000 parameters,
+under asyncpg's 32,767), compiled once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +207,7 @@ async def insert_records(conn: AsyncConnection, upload_id: int, records: Sequenc
             }
             for record in records[start : start + INSERT_CHUNK]
         ]
-        await conn.execute(statement.values(rows))
+        await conn.execute(statement, rows)
 
 
 async def list_uploads(conn: AsyncConnection, *, before: int | None, limit: int) -> list[UploadRow]:
@@ -217,19 +218,14 @@ async def list_uploads(conn: AsyncConnection, *, before: int | None, limit: int)
     return [_upload(row) for row in await conn.execute(statement)]
 
 
-def resolved_channel() -> Any:
-    """The ledger channel a record belongs to: the record's own (a CSV's `channel`), else the channel map's entry
-    for its api key, else for its project (under the upload's source), else the upload's `channel_id`. Used with
-    `records_with_channel`'s joins."""
+def records_with_channel(upload_id: int | None = None) -> Select[Any]:
+    """Every column of external_records, its upload's source, and `resolved_channel_id`: the ledger channel the
+    record belongs to, which is the record's own (a CSV's `channel`), else the channel map's entry for its api key,
+    else for its project (both under the upload's source), else the upload's `channel_id`; null when none says.
+    Optionally of one upload. The reconciliation runs and the margin report read records through this, so a change
+    of the map applies to every upload at once (records are append-only; the map is configuration)."""
     by_key = external_channel_map.alias("by_key")
     by_project = external_channel_map.alias("by_project")
-    return by_key, by_project
-
-
-def records_with_channel(upload_id: int | None = None) -> Select[Any]:
-    """Every column of external_records, its upload's source, and `resolved_channel_id` (see resolved_channel),
-    optionally of one upload. The reconciliation runs and the margin report read records through this."""
-    by_key, by_project = resolved_channel()
     records, uploads = external_records, external_uploads
     channel = func.coalesce(records.c.channel_id, by_key.c.channel_id, by_project.c.channel_id, uploads.c.channel_id)
     statement = (

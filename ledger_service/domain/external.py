@@ -138,6 +138,11 @@ def _count(value: Any, where: _Where, *, required: bool = True) -> int | None:
     return value
 
 
+def _zero_if_null(value: Any) -> Any:
+    """A cache count left out or null: none were cached."""
+    return 0 if value is None else value
+
+
 def _text(value: Any, where: _Where, *, required: bool = False) -> str | None:
     if value is None and not required:
         return None
@@ -377,7 +382,7 @@ def _openai_usage(result: dict[str, Any], at: _Where, line: int, start: datetime
         model=_text(result.get("model"), at / "model"),
         input_tokens=_count(result.get("input_tokens"), at / "input_tokens"),
         output_tokens=_count(result.get("output_tokens"), at / "output_tokens"),
-        cached_tokens=_count(result.get("input_cached_tokens", 0), at / "input_cached_tokens"),
+        cached_tokens=_count(_zero_if_null(result.get("input_cached_tokens")), at / "input_cached_tokens"),
         requests=_count(result.get("num_model_requests"), at / "num_model_requests"),
         raw=_RAW.encode(result),
     )
@@ -419,10 +424,10 @@ def _anthropic_usage(result: dict[str, Any], at: _Where, line: int, start: datet
     if "amount" in result:
         raise (at / "amount").fail("a cost, not usage (an anthropic_costs file?)")
     uncached = _count(result.get("uncached_input_tokens"), at / "uncached_input_tokens") or 0
-    cache_read = _count(result.get("cache_read_input_tokens", 0), at / "cache_read_input_tokens") or 0
+    cache_read = _count(_zero_if_null(result.get("cache_read_input_tokens")), at / "cache_read_input_tokens") or 0
     creation = _object(result.get("cache_creation") or {}, at / "cache_creation")
     created = sum(
-        _count(creation.get(name, 0), at / "cache_creation" / name) or 0
+        _count(_zero_if_null(creation.get(name)), at / "cache_creation" / name) or 0
         for name in ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens")
     )
     return ExternalRecord(
