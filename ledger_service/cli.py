@@ -333,7 +333,7 @@ def cmd_external_upload(args: argparse.Namespace, settings: Settings) -> int:
                 url,
                 settings,
                 lambda engine: run_upload(
-                    engine, content, source=Source(args.source), filename=args.file.name[-255:], channel_id=args.channel
+                    engine, content, source=Source(args.source), filename=args.file.name[-200:], channel_id=args.channel
                 ),
             )
     except UploadFailed as error:

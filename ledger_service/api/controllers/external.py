@@ -7,11 +7,13 @@ from typing import Annotated, Any
 from litestar import Controller, Request, Router, get, post, put
 from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency
+from litestar.openapi.spec import OpenAPIType
 from litestar.params import JSONBody, Parameter, QueryParameter
 from litestar.response import Response
 
 from ledger_service.api import auth
 from ledger_service.api.params import (
+    NAME_OPENAPI_PATTERN,
     PathId,
     PathName,
     QueryCursor,
@@ -44,6 +46,18 @@ SOURCES = frozenset(source.value for source in Source)
 UPLOAD_QUERY = frozenset({"source", "channel_id", "filename"})
 PAGE_QUERY = frozenset({"cursor", "limit"})
 MULTIPART = "multipart/form-data"
+QueryFilename = Annotated[
+    str | None,
+    QueryParameter(
+        required=False,
+        schema_extra={
+            "one_of": None,
+            "type": OpenAPIType.STRING,
+            "pattern": NAME_OPENAPI_PATTERN,
+            "description": "The file's name, kept with it: 1-200 characters, no control or format characters.",
+        },
+    ),
+]
 QuerySource = Annotated[
     str | None, QueryParameter(schema_extra=choices_schema(SOURCES, "The file's source (with a raw body)."))
 ]
@@ -80,7 +94,7 @@ class ExternalUploadController(Controller):
         external: NamedDependency[ExternalService],
         source: QuerySource = None,
         channel_id: QueryId = None,
-        filename: Annotated[str | None, QueryParameter(required=False)] = None,
+        filename: QueryFilename = None,
     ) -> Response[UploadCreatedView]:
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type == MULTIPART:
@@ -97,7 +111,7 @@ class ExternalUploadController(Controller):
         if not content:
             raise errors.ValidationFailed("the file is empty")
         if filename is not None:
-            filename = parse_name(filename[-255:], "filename")
+            filename = parse_name(filename[-200:], "filename")
         outcome = await external.upload(
             _source(source),
             content,
