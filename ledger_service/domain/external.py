@@ -112,19 +112,40 @@ def _show(value: Any) -> str:
 
 
 class _Where:
-    """The path of a field in the file, for error messages: `line 7: ` and/or `data[2].results[0].amount.value`."""
+    """The path of a field in the file, for error messages: `line 7: ` and/or `data[2].results[0].amount.value`.
+    Built as a chain and spelt out only when a field is refused (most never are)."""
 
-    def __init__(self, prefix: str, path: str = "") -> None:
+    __slots__ = ("parent", "part", "prefix")
+
+    def __init__(self, prefix: str, part: str | int = "", parent: _Where | None = None) -> None:
         self.prefix = prefix
-        self.path = path
+        self.part = part
+        self.parent = parent
 
     def __truediv__(self, part: str | int) -> _Where:
-        if isinstance(part, int):
-            return _Where(self.prefix, f"{self.path}[{part}]")
-        return _Where(self.prefix, f"{self.path}.{part}" if self.path else part)
+        return _Where(self.prefix, part, self)
+
+    @property
+    def path(self) -> str:
+        parts: list[str | int] = []
+        node: _Where | None = self
+        while node is not None:
+            if node.part != "":
+                parts.append(node.part)
+            node = node.parent
+        text = ""
+        for part in reversed(parts):
+            if isinstance(part, int):
+                text += f"[{part}]"
+            elif part.startswith("["):
+                text += part
+            else:
+                text += f".{part}" if text else part
+        return text
 
     def fail(self, message: str) -> MalformedFile:
-        return MalformedFile(f"{self.prefix}{self.path}: {message}" if self.path else f"{self.prefix}{message}")
+        path = self.path
+        return MalformedFile(f"{self.prefix}{path}: {message}" if path else f"{self.prefix}{message}")
 
 
 # Field readers -----------------------------------------------------------------------------------------------
