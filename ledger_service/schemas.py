@@ -367,7 +367,7 @@ class ChannelMapEntryView(View):
     source: str
     external_key: str
     channel_id: int
-    updated_at: datetime | None = None
+    updated_at: datetime
 
 
 class ChannelMapView(View):
@@ -384,7 +384,7 @@ class ProviderPriceView(View):
     output_usd_per_mtok: str
     cached_input_usd_per_mtok: str | None
     request_usd: str
-    updated_at: datetime | None = None
+    updated_at: datetime
 
 
 class ProviderPriceListView(View):

@@ -259,7 +259,13 @@ async def test_the_channel_map_decides_a_records_channel(ledger: LedgerClient) -
     upload_id = (await upload_raw(ledger, content, "source=openai_usage&channel_id=9")).json()["upload_id"]
     first = await ledger.put("/v1/external/channel-map/openai_usage/key_mapped", {"channel_id": 1}, as_="admin")
     assert first.status_code == 201, first.text
-    assert first.json() == {"source": "openai_usage", "external_key": "key_mapped", "channel_id": 1, "updated_at": None}
+    assert first.json() == {
+        "source": "openai_usage",
+        "external_key": "key_mapped",
+        "channel_id": 1,
+        "updated_at": first.json()["updated_at"],
+    }
+    assert first.json()["updated_at"].endswith(("Z", "+00:00"))
     assert (
         await ledger.put("/v1/external/channel-map/openai_usage/proj_mapped", {"channel_id": 3}, as_="admin")
     ).status_code == 201
@@ -307,8 +313,9 @@ async def test_provider_prices_are_kept_exactly(ledger: LedgerClient) -> None:
         "output_usd_per_mtok": "10",
         "cached_input_usd_per_mtok": "1.25000000000000000001",
         "request_usd": "0",
-        "updated_at": None,
+        "updated_at": first.json()["updated_at"],
     }
+    assert first.json()["updated_at"] is not None
     raw_body = b'{"input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.6, "request_usd": 0.0001}'
     headers = {**ledger.headers("admin"), "Content-Type": "application/json"}
     second = await ledger.client.put("/v1/external/provider-prices/gpt-4o-mini", content=raw_body, headers=headers)

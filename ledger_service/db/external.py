@@ -256,8 +256,8 @@ async def records_page(conn: AsyncConnection, upload_id: int, *, after_line: int
 # The channel map and provider prices -------------------------------------------------------------------------
 
 
-async def save_channel(conn: AsyncConnection, source: str, external_key: str, channel_id: int) -> bool:
-    """Insert or replace a map entry; True when it was new."""
+async def save_channel(conn: AsyncConnection, source: str, external_key: str, channel_id: int) -> tuple[bool, datetime]:
+    """Insert or replace a map entry; whether it was new, and its updated_at."""
     statement = pg_insert(external_channel_map).values(source=source, external_key=external_key, channel_id=channel_id)
     row = (
         await conn.execute(
@@ -267,7 +267,7 @@ async def save_channel(conn: AsyncConnection, source: str, external_key: str, ch
             ).returning(text("(xmax = 0) AS inserted"), external_channel_map.c.updated_at)
         )
     ).one()
-    return bool(row.inserted)
+    return bool(row.inserted), row.updated_at
 
 
 async def channel_map(conn: AsyncConnection) -> list[Any]:
@@ -285,8 +285,8 @@ async def save_price(
     output_usd_per_mtok: Decimal,
     cached_input_usd_per_mtok: Decimal | None,
     request_usd: Decimal,
-) -> bool:
-    """Insert or replace a model's provider price; True when the model was new."""
+) -> tuple[bool, datetime]:
+    """Insert or replace a model's provider price; whether the model was new, and its updated_at."""
     statement = pg_insert(provider_prices).values(
         model=model,
         input_usd_per_mtok=input_usd_per_mtok,
@@ -306,10 +306,10 @@ async def save_price(
                     "request_usd": excluded.request_usd,
                     "updated_at": func.now(),
                 },
-            ).returning(text("(xmax = 0) AS inserted"))
+            ).returning(text("(xmax = 0) AS inserted"), provider_prices.c.updated_at)
         )
     ).one()
-    return bool(row.inserted)
+    return bool(row.inserted), row.updated_at
 
 
 async def prices(conn: AsyncConnection) -> list[Any]:

@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import overload
 
@@ -200,11 +201,14 @@ class ExternalService:
     # The channel map and provider prices -------------------------------------------------------------------------
 
     async def set_channel(self, source: Source, external_key: str, channel_id: int) -> tuple[ChannelMapEntryView, bool]:
-        async def work(conn: AsyncConnection) -> bool:
+        async def work(conn: AsyncConnection) -> tuple[bool, datetime]:
             return await external.save_channel(conn, source, external_key, channel_id)
 
-        created: bool = await run_transaction(self.engine, work)
-        return ChannelMapEntryView(source=source, external_key=external_key, channel_id=channel_id), created
+        created, updated_at = await run_transaction(self.engine, work)
+        view = ChannelMapEntryView(
+            source=source, external_key=external_key, channel_id=channel_id, updated_at=updated_at
+        )
+        return view, created
 
     async def channel_map(self) -> ChannelMapView:
         rows = await run_transaction(self.engine, external.channel_map)
@@ -218,7 +222,7 @@ class ExternalService:
         )
 
     async def set_price(self, model: str, command: ProviderPriceCommand) -> tuple[ProviderPriceView, bool]:
-        async def work(conn: AsyncConnection) -> bool:
+        async def work(conn: AsyncConnection) -> tuple[bool, datetime]:
             return await external.save_price(
                 conn,
                 model,
@@ -228,13 +232,14 @@ class ExternalService:
                 request_usd=command.request_usd,
             )
 
-        created: bool = await run_transaction(self.engine, work)
+        created, updated_at = await run_transaction(self.engine, work)
         view = ProviderPriceView(
             model=model,
             input_usd_per_mtok=usd(command.input_usd_per_mtok),
             output_usd_per_mtok=usd(command.output_usd_per_mtok),
             cached_input_usd_per_mtok=usd(command.cached_input_usd_per_mtok),
             request_usd=usd(command.request_usd),
+            updated_at=updated_at,
         )
         return view, created
 
