@@ -10,6 +10,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ledger_service.domain.external import ExternalRecord, MalformedFile, Source, model_of_line_item, parse
 from tests.external_fixtures import (
@@ -414,3 +416,47 @@ def test_money_never_passes_through_a_float() -> None:
     records = parse(Source.OPENAI_COSTS, encode(page))
     assert sum((record.cost_usd or Decimal(0) for record in records), Decimal(0)) == Decimal("0.3")
     assert all(isinstance(record.cost_usd, Decimal) for record in records)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.decimals(allow_nan=False) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "data",
+                    "results",
+                    "object",
+                    "start_time",
+                    "end_time",
+                    "starting_at",
+                    "ending_at",
+                    "amount",
+                    "value",
+                    "currency",
+                    "input_tokens",
+                    "uncached_input_tokens",
+                    "cache_creation",
+                    "model",
+                ]
+            ),
+            children,
+            max_size=5,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(source=st.sampled_from(list(Source)), content=st.binary(max_size=300) | JSON_VALUES.map(encode))
+def test_any_file_is_read_or_refused_with_one_line(source: Source, content: bytes) -> None:
+    """Whatever the bytes, parsing gives records or a one-line MalformedFile; never another exception."""
+    message: str | None = None
+    try:
+        records = parse(source, content)
+    except MalformedFile as error:
+        message, records = str(error), []
+    assert message is None or (message and "\n" not in message), message
+    assert all(record.bucket_end > record.bucket_start for record in records)

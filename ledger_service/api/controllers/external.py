@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Router, get, post, put
 from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency
-from litestar.openapi.spec import OpenAPIType
+from litestar.openapi.spec import OpenAPIFormat, OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
 from litestar.params import JSONBody, Parameter, QueryParameter
 from litestar.response import Response
 
@@ -63,6 +64,36 @@ QuerySource = Annotated[
 ]
 
 
+UPLOAD_BODY = RequestBody(
+    required=True,
+    description="The provider's file: as a multipart form (`file` and `source`), or as the body itself with"
+    " `?source=` (JSON, JSON Lines or CSV, any content type). See docs/external.md.",
+    content={
+        MULTIPART: OpenAPIMediaType(
+            schema=Schema(
+                type=OpenAPIType.OBJECT,
+                properties={
+                    "file": Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY),
+                    "source": Schema(type=OpenAPIType.STRING, enum=sorted(SOURCES)),
+                    "channel_id": Schema(type=OpenAPIType.INTEGER, minimum=1, maximum=2**63 - 1),
+                },
+                required=["file", "source"],
+            )
+        ),
+        "application/json": OpenAPIMediaType(schema=Schema(description="A JSON or JSON Lines export")),
+        "text/csv": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING)),
+    },
+)
+
+
+@dataclass
+class UploadOperation(Operation):
+    """The upload's operation in the OpenAPI document, with its body (the handler reads it from the request)."""
+
+    def __post_init__(self) -> None:
+        self.request_body = UPLOAD_BODY
+
+
 def _source(raw: str | None) -> Source:
     return Source(parse_choice(raw, "source", SOURCES))
 
@@ -86,6 +117,7 @@ class ExternalUploadController(Controller):
         status_code=201,
         opt={"roles": auth.ADMIN_ONLY, "query": UPLOAD_QUERY, "any_body": True},
         responses=replayed(UploadCreatedView),
+        operation_class=UploadOperation,
         summary="Upload a provider's usage or cost export (multipart `file` + `source`, or the file as the body)",
     )
     async def upload(
