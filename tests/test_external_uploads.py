@@ -88,6 +88,8 @@ async def test_an_upload_is_stored_once_with_its_records(ledger: LedgerClient) -
     again = await upload_raw(ledger, content, "source=openai_usage")
     assert again.status_code == 200, again.text
     assert again.json() == body
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
     assert await stored(ledger) == (1, 2)
 
     row = await ledger.conn.fetchrow("SELECT * FROM external_uploads")

@@ -13,6 +13,7 @@ from litestar.params import JSONBody, Parameter, QueryParameter
 from litestar.response import Response
 
 from ledger_service.api import auth
+from ledger_service.api.controllers.responses import REPLAYED_HEADER
 from ledger_service.api.params import (
     NAME_OPENAPI_PATTERN,
     PathId,
@@ -151,7 +152,9 @@ class ExternalUploadController(Controller):
             channel_id=parse_optional_id(channel_id, "channel_id"),
             uploaded_by=request.state.principal.key_id,
         )
-        return Response(outcome.view, status_code=201 if outcome.created else 200)
+        if outcome.created:
+            return Response(outcome.view, status_code=201)
+        return Response(outcome.view, status_code=200, headers={REPLAYED_HEADER: "true"})
 
 
 def upload_router(max_upload_bytes: int) -> Router:
