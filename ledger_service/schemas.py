@@ -140,6 +140,36 @@ class GroupRatioCommand(Command):
         check_ratio(self.group_ratio, "group_ratio")
 
 
+# External reconciliation: the channel map and provider prices ------------------------------------------------
+
+
+class ChannelMapCommand(Command):
+    channel_id: Id
+    """The ledger channel the provider's api key or project is."""
+
+
+class ProviderPriceCommand(Command):
+    number_strings: ClassVar[tuple[str, ...]] = (
+        "input_usd_per_mtok",
+        "output_usd_per_mtok",
+        "cached_input_usd_per_mtok",
+        "request_usd",
+    )
+    input_usd_per_mtok: Ratio
+    """USD per million input tokens (uncached)."""
+    output_usd_per_mtok: Ratio
+    cached_input_usd_per_mtok: Ratio | None = None
+    """USD per million cached input tokens; null: cached tokens cost what input tokens cost."""
+    request_usd: Ratio = Decimal(0)
+    """USD per request, on top of the tokens."""
+
+    def __post_init__(self) -> None:
+        for name in self.number_strings:
+            value = getattr(self, name)
+            if value is not None:
+                check_ratio(value, name)
+
+
 class BatchOperation(Command):
     openapi_rules: ClassVar[dict[str, Any]] = {
         "allOf": [
@@ -276,6 +306,91 @@ class PricingView(View):
     models: dict[str, ModelPriceView]
     groups: dict[str, GroupRatioView]
     defaults: PricingDefaultsView
+
+
+class UploadCreatedView(View):
+    upload_id: int
+    records: int
+    source: str
+    sha256: str
+    """Hex SHA-256 of the file's bytes: the same bytes are one upload."""
+
+
+class UploadView(View):
+    id: int
+    source: str
+    sha256: str
+    filename: str | None
+    channel_id: int | None
+    """The channel of records that name none and whose api key or project the channel map does not know."""
+    records: int
+    uploaded_by: int | None
+    """The id of the admin key that uploaded the file."""
+    uploaded_at: datetime
+
+
+class UploadListView(View):
+    items: list[UploadView]
+    next_cursor: str | None
+
+
+class ExternalRecordView(View):
+    line: int
+    bucket_start: datetime
+    bucket_end: datetime
+    api_key_id: str | None
+    project_id: str | None
+    channel_id: int | None
+    """The ledger channel the record belongs to now: its own (a CSV's `channel`), else the channel map's entry for
+    its api key, then for its project, else the upload's channel_id."""
+    model: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    cached_tokens: int | None
+    cache_creation_tokens: int | None
+    requests: int | None
+    cost_usd: str | None
+    """USD as a decimal string, every digit the file had (no exponent)."""
+    currency: str | None
+    line_item: str | None
+    raw: msgspec.Raw
+    """The record as the file had it, a JSON object (numbers as JSON numbers, digit for digit)."""
+
+
+class UploadDetailView(UploadView):
+    items: list[ExternalRecordView]
+    """The upload's records in file order, a page at a time."""
+    next_cursor: str | None
+
+
+class ChannelMapEntryView(View):
+    source: str
+    external_key: str
+    channel_id: int
+    updated_at: datetime
+
+
+class ChannelMapView(View):
+    items: list[ChannelMapEntryView]
+    next_cursor: str | None = None
+    """Every entry fits on one page: always null."""
+
+
+class ProviderPriceView(View):
+    """USD as decimal strings, exactly as set (no exponent)."""
+
+    model: str
+    input_usd_per_mtok: str
+    output_usd_per_mtok: str
+    cached_input_usd_per_mtok: str | None
+    request_usd: str
+    updated_at: datetime
+
+
+class ProviderPriceListView(View):
+    items: list[ProviderPriceView]
+    next_cursor: str | None = None
+    """Every price fits on one page: always null."""
 
 
 class ApiKeyView(View):

@@ -21,6 +21,7 @@ from ledger_service.api.controllers.api_keys import ApiKeyController
 from ledger_service.api.controllers.batch import BatchController
 from ledger_service.api.controllers.entries import EntryController
 from ledger_service.api.controllers.external_reconciliation import ExternalReconciliationController, MarginController
+from ledger_service.api.controllers.external import ExternalController, upload_router
 from ledger_service.api.controllers.funding import FundingController
 from ledger_service.api.controllers.health import HealthController
 from ledger_service.api.controllers.pricing import PricingController
@@ -36,6 +37,7 @@ from ledger_service.services.api_keys import ApiKeyService
 from ledger_service.services.audit import HEAVY_REPORT_STATEMENT_SECONDS, AuditService, HeavyReads
 from ledger_service.services.batch import BatchService
 from ledger_service.services.external_reconciliation import ExternalReconciliationService
+from ledger_service.services.external import ExternalService
 from ledger_service.services.housekeeping import Housekeeping
 from ledger_service.services.ledger import LedgerService
 from ledger_service.services.lifecycle import LifecycleService
@@ -61,6 +63,7 @@ DEPENDENCIES = {
     "batches": _provide("batches"),
     "reconciliations": _provide("external_reconciliations"),
     "margins": _provide("margins"),
+    "external": _provide("external"),
 }
 """Handler parameter -> the service it receives."""
 
@@ -100,6 +103,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ReportsController,
             ExternalReconciliationController,
             MarginController,
+            ExternalController,
+            upload_router(settings.max_upload_bytes),  # its own body limit: LEDGER_MAX_UPLOAD_BYTES
         ],
     )
     app = Litestar(
@@ -173,6 +178,7 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
         state.audit = audit
         state.external_reconciliations = ExternalReconciliationService(engine, settings)
         state.margins = MarginService(engine, settings)
+        state.external = ExternalService(engine)
         state.rate_limiter = (
             RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
             if settings.rate_limit_per_second > 0
