@@ -90,6 +90,12 @@ ROUTES: list[Route] = [
     Route("GET", "/v1/reports/trial-balance", AUDIT),
     Route("GET", "/v1/reports/reconciliation", AUDIT),
     Route("GET", "/v1/reports/usage?group_by=user&bucket=none", AUDIT),
+    # External reconciliation and margins (section 11)
+    Route("POST", "/v1/external/reconciliations", ADMIN, {"upload_id": 1}),
+    Route("GET", "/v1/external/reconciliations", AUDIT),
+    Route("GET", "/v1/external/reconciliations/1", AUDIT),
+    Route("POST", "/v1/external/reconciliations/1/items/1/explain", AUDIT, {"note": "access"}),
+    Route("GET", "/v1/reports/margin?month=2026-01", AUDIT),
     # Access (section 7)
     Route("POST", "/v1/api-keys", ADMIN, {"name": "made in the access test", "role": "auditor"}),
     Route("GET", "/v1/api-keys", ADMIN),

@@ -26,6 +26,8 @@ from ledger_service.api.controllers.accounts import AccountController
 from ledger_service.api.controllers.api_keys import ApiKeyController
 from ledger_service.api.controllers.batch import BatchController
 from ledger_service.api.controllers.entries import EntryController
+from ledger_service.api.controllers.external import ExternalController, upload_router
+from ledger_service.api.controllers.external_reconciliation import ExternalReconciliationController, MarginController
 from ledger_service.api.controllers.funding import FundingController
 from ledger_service.api.controllers.health import HealthController
 from ledger_service.api.controllers.pricing import PricingController
@@ -40,10 +42,13 @@ from ledger_service.observability import configure_logging
 from ledger_service.services.api_keys import ApiKeyService
 from ledger_service.services.audit import HEAVY_REPORT_STATEMENT_SECONDS, AuditService, HeavyReads
 from ledger_service.services.batch import BatchService
-from ledger_service.services.console import ConsoleService, ReviewReads
+from ledger_service.services.console import ConsoleService
+from ledger_service.services.external import ExternalService
+from ledger_service.services.external_reconciliation import ExternalReconciliationService
 from ledger_service.services.housekeeping import Housekeeping
 from ledger_service.services.ledger import LedgerService
 from ledger_service.services.lifecycle import LifecycleService
+from ledger_service.services.margin import MarginService
 from ledger_service.services.pricing import PricingService
 from ledger_service.settings import Settings, SettingsError
 
@@ -63,6 +68,9 @@ DEPENDENCIES = {
     "keys": _provide("api_keys"),
     "audit": _provide("audit"),
     "batches": _provide("batches"),
+    "reconciliations": _provide("external_reconciliations"),
+    "margins": _provide("margins"),
+    "external": _provide("external"),
 }
 """Handler parameter -> the service it receives."""
 
@@ -100,6 +108,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ApiKeyController,
             AccountsController,
             ReportsController,
+            ExternalReconciliationController,
+            MarginController,
+            ExternalController,
+            upload_router(settings.max_upload_bytes),  # its own body limit: LEDGER_MAX_UPLOAD_BYTES
         ],
     )
     app = Litestar(
@@ -207,9 +219,10 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
         state.pricing = PricingService(engine)
         state.api_keys = ApiKeyService(engine)
         state.audit = audit
+        state.external_reconciliations = ExternalReconciliationService(engine, settings)
+        state.margins = MarginService(engine, settings)
+        state.external = ExternalService(engine)
         state.console = ConsoleService(engine, state.api_keys, audit, session_seconds=settings.console_session_seconds)
-        # The runs and margin pages' reads while the external reconciliation and margin services are not in this build.
-        state.console_reviews = ReviewReads(engine, quota_per_usd=settings.quota_per_usd)
         state.rate_limiter = (
             RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
             if settings.rate_limit_per_second > 0

@@ -175,8 +175,13 @@ def refund_mode(*, status: RequestStatus, due: bool, refunded_with: bytes | None
 
 
 def body_of(command: msgspec.Struct) -> dict[str, Any]:
-    """A decoded request body as plain data, the form `fingerprint` and entry details take."""
-    return msgspec.to_builtins(command)  # type: ignore[no-any-return]
+    """A decoded request body as plain data, the form `fingerprint` and entry details take. Fields added later
+    (`later_optional`) are left out when absent, so older requests keep their fingerprints."""
+    body: dict[str, Any] = msgspec.to_builtins(command)
+    for name in getattr(command, "later_optional", ()):
+        if body.get(name) is None:
+            body.pop(name, None)
+    return body
 
 
 def fingerprint(operation: str, body: Mapping[str, Any]) -> bytes:

@@ -68,6 +68,9 @@ class Command(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     number_strings: ClassVar[tuple[str, ...]] = ()
     """Decimal fields that may come as strings: such a string must hold JSON's number syntax (api/bodies.py)."""
+    later_optional: ClassVar[tuple[str, ...]] = ()
+    """Optional fields added after requests were first stored: left out of the body's fingerprint when absent, so
+    a request stored before the field existed replays with the same body as it did then (lifecycle.body_of)."""
     openapi_rules: ClassVar[dict[str, Any]] = {}
     """JSON Schema keywords (Schema field names) that state the command's cross-field rules in the OpenAPI
     document (api/bodies.py, CommandSchemas)."""
@@ -87,11 +90,15 @@ class HoldCommand(Command):
 
 
 class SettleCommand(Command):
+    later_optional: ClassVar[tuple[str, ...]] = ("cached_tokens",)
     channel_id: Id
     prompt_tokens: Count
     completion_tokens: Count
     quota: Count | None = None
     """Charge exactly this much instead of the priced charge."""
+    cached_tokens: Count | None = None
+    """The part of the prompt the provider served from its cache, when the relay knows it. Recorded in the entry
+    for reconciling against the provider's usage export; it does not change the price."""
 
 
 class RefundCommand(Command):
@@ -108,6 +115,10 @@ class ConsumptionCommand(Command):
     completion_tokens: Count
     group: Name = "default"
     quota: Count | None = None
+    cached_tokens: Count | None = None
+    """As in a settlement: the cached part of the prompt, recorded, not priced."""
+
+    later_optional: ClassVar[tuple[str, ...]] = ("cached_tokens",)
 
 
 @dataclass(frozen=True, slots=True)

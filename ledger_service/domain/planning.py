@@ -536,12 +536,15 @@ def _usage_details(row: RequestRow, **usage: Any) -> dict[str, Any]:
 
 def _charge_details(command: SettleCommand | ConsumptionCommand, charge: int) -> dict[str, Any]:
     """What a charge records: the tokens it was reported with, what it charged, and whether the relay named it."""
-    return {
+    details: dict[str, Any] = {
         "prompt_tokens": command.prompt_tokens,
         "completion_tokens": command.completion_tokens,
         "charged": charge,
         "explicit_quota": command.quota is not None,
     }
+    if command.cached_tokens is not None:  # recorded only when the relay knows it: absent means unknown
+        details["cached_tokens"] = command.cached_tokens
+    return details
 
 
 def _direct_charge(row: RequestRow, charge: int) -> tuple[Posting, ...]:

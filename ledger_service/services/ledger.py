@@ -186,6 +186,8 @@ class LedgerService:
                     prompt_tokens=-int(original.details.get("prompt_tokens", 0)),
                     completion_tokens=-int(original.details.get("completion_tokens", 0)),
                 )
+                if "cached_tokens" in original.details:
+                    details["cached_tokens"] = -int(original.details["cached_tokens"])
             draft = EntryDraft(
                 kind=EntryKind.REVERSAL,
                 postings=reversal_postings(

@@ -27,13 +27,9 @@ from ledger_service.api.console.review import side_by_side
 from ledger_service.domain import errors
 from ledger_service.domain.errors import LedgerError
 from ledger_service.services.api_keys import Principal
-from ledger_service.services.console import (
-    NOTE_MAX,
-    ConsoleService,
-    ConsoleSession,
-    SignInRefused,
-    TooManySignIns,
-)
+from ledger_service.services.console import ConsoleService, ConsoleSession, SignInRefused, TooManySignIns
+from ledger_service.services.external_reconciliation import ExternalReconciliationService
+from ledger_service.services.margin import MarginService
 
 log = logging.getLogger(__name__)
 
@@ -309,17 +305,17 @@ ITEMS_PER_PAGE = 100
 RUNS_PER_PAGE = 50
 MAX_ID = 2**63 - 1
 MAX_ITEM_ID = 2**31 - 1
+NOTE_MAX = 2000
 
 
-def _reviews(request: Request[Any, Any, Any]) -> Any:
-    """The external reconciliation service when the app has one, else the console's own reads of its tables."""
-    state = request.app.state
-    return state.external_reconciliations if "external_reconciliations" in state else state.console_reviews
+def _reviews(request: Request[Any, Any, Any]) -> ExternalReconciliationService:
+    service: ExternalReconciliationService = request.app.state.external_reconciliations
+    return service
 
 
-def _margins(request: Request[Any, Any, Any]) -> Any:
-    state = request.app.state
-    return state.margins if "margins" in state else state.console_reviews
+def _margins(request: Request[Any, Any, Any]) -> MarginService:
+    service: MarginService = request.app.state.margins
+    return service
 
 
 def _class_filter(value: str | None) -> str | None:
