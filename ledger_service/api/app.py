@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -231,17 +234,30 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
         if settings.admin_key:
             await state.api_keys.ensure(settings.admin_key)
         housekeeping = Housekeeping(engine, lifecycle, audit, settings)
+        warming: asyncio.Task[None] | None = None
         if settings.background_tasks:
             housekeeping.start()
+            warming = asyncio.create_task(_warm_console(state.console))  # the console overview's chart
         try:
             yield
         finally:
+            if warming is not None:
+                warming.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await warming
             await housekeeping.stop()
             await lifecycle_pool.close()
             await engine.dispose()
             await reports_engine.dispose()
 
     return lifespan
+
+
+async def _warm_console(console: ConsoleService) -> None:
+    try:
+        await console.warm()
+    except Exception:  # the overview reads it again when it is shown: a failure here only costs that page the time
+        logging.getLogger(__name__).warning("reading the console's usage chart at start failed", exc_info=True)
 
 
 def _require_admission(app: Litestar) -> None:

@@ -6,12 +6,13 @@ page looks the session up again, joined with its API key, so an expired or ended
 revoked, stops working at its next request.
 
 The pages read only what is cheap on a large journal: the trial balance from the per-kind snapshots, counts over
-partial indexes, statement pages by feed position. The usage chart (a range scan over 30 days of charges) is kept
-for `USAGE_CACHE_SECONDS`.
+partial indexes, statement pages by feed position. The usage chart (a range scan over 30 days of charges) reads
+each past day once per process, and today's charges at most every `USAGE_CACHE_SECONDS`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import time
@@ -37,6 +38,7 @@ T = TypeVar("T")
 CONSOLE_ROLES = frozenset({"admin", "auditor"})
 USAGE_DAYS = 30
 USAGE_CACHE_SECONDS = 60.0
+DAY_SETTLED = timedelta(minutes=10)
 UNSEALED_CAP = 100_000
 OVERDUE_SHOWN = 10
 SIGN_IN_FAILURES = 10
@@ -212,6 +214,8 @@ class ConsoleService:
         self.session_seconds = session_seconds
         self.failures = FailedSignIns()
         self._usage: tuple[float, list[DayUsage]] | None = None
+        self._closed: dict[datetime, DayUsage] = {}
+        self._reading: asyncio.Future[list[DayUsage]] | None = None
 
     async def _read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         return await run_transaction(self.engine, work, isolation_level="REPEATABLE READ")
@@ -290,22 +294,44 @@ class ConsoleService:
 
         return await self._read(work)
 
+    async def warm(self) -> None:
+        """Read the usage chart's days now (at start), so that the first overview does not wait for them."""
+        await self._usage_per_day()
+
     async def _usage_per_day(self) -> list[DayUsage]:
+        """Quota charged per UTC day over the last USAGE_DAYS days. A day that ended more than `DAY_SETTLED` ago
+        no longer changes (an entry is dated by its transaction's start, and statements stop at 60 s), so it is
+        read once and kept; the open days are read again at most every USAGE_CACHE_SECONDS. Pages that want it
+        while it is being read wait for that read rather than start their own."""
         cached = self._usage
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
-        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-        since = today - timedelta(days=USAGE_DAYS - 1)
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(self._read_usage())
+        return await asyncio.shield(self._reading)
+
+    async def _read_usage(self) -> list[DayUsage]:
+        now = datetime.now(UTC)
+        today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        first = today - timedelta(days=USAGE_DAYS - 1)
+        wanted = [first + timedelta(days=n) for n in range(USAGE_DAYS)]
+        self._closed = {day: usage for day, usage in self._closed.items() if day >= first}
+        since = next((day for day in wanted if day not in self._closed), today)
 
         async def work(conn: AsyncConnection) -> list[console.DailyUsage]:
             return await console.usage_per_day(conn, since=since)
 
         found = {row.day.astimezone(UTC): row for row in await self._read(work)}
         days = []
-        for n in range(USAGE_DAYS):
-            day = since + timedelta(days=n)
+        for day in wanted:
+            if day in self._closed:
+                days.append(self._closed[day])
+                continue
             row = found.get(day)
-            days.append(DayUsage(day, row.requests if row else 0, row.quota if row else 0))
+            usage = DayUsage(day, row.requests if row else 0, row.quota if row else 0)
+            if day + timedelta(days=1) + DAY_SETTLED < now:
+                self._closed[day] = usage
+            days.append(usage)
         self._usage = (time.monotonic() + USAGE_CACHE_SECONDS, days)
         return days
 
