@@ -40,11 +40,13 @@ async def signed_in(client: httpx.AsyncClient, key: str) -> str:
     return form_token(overview.text)
 
 
-async def a_settled_request(ledger: LedgerClient, *, user_id: int = 7, token_id: int = 70) -> str:
+async def a_settled_request(
+    ledger: LedgerClient, *, user_id: int = 7, token_id: int = 70, request_id: str | None = None
+) -> str:
     """A funded user and a limited token, one hold and its settlement: the request id."""
     await ledger.fund(user_id, 20_000)  # little enough that the trust rule holds the estimate
     await ledger.token(token_id, user_id, remaining=500_000)
-    request_id = unique("con")
+    request_id = request_id or unique("con")
     response = await ledger.hold(request_id=request_id, user_id=user_id, token_id=token_id, max_tokens=200)
     assert response.status_code == 201, response.text
     settled = await ledger.post(

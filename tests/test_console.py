@@ -395,3 +395,30 @@ async def test_the_margin_page_per_channel_and_month(ledger: LedgerClient) -> No
     assert (await client.get("/console/margin", params={"month": "2026-13"})).status_code == 400
     empty = await client.get("/console/margin", params={"month": "2001-01"})
     assert "Nothing was charged" in empty.text
+
+
+async def test_the_statement_csv_carries_no_formula(ledger: LedgerClient) -> None:
+    await a_settled_request(ledger, request_id="-2-3")  # a request id a spreadsheet would compute
+    client = ledger.client
+    await signed_in(client, ledger.keys["auditor"])
+    download = await client.get("/console/statement.csv", params={"address": "user:7"})
+    assert '"\'-2-3"' in download.text
+    assert [row["request_id"] for row in csv.DictReader(io.StringIO(download.text))][-1] == "'-2-3"
+
+
+async def test_signing_in_again_ends_the_earlier_session(ledger: LedgerClient) -> None:
+    await signed_in(ledger.client, ledger.keys["auditor"])
+    first = ledger.client.cookies.get(SESSION_COOKIE)
+    async with httpx.AsyncClient(base_url=ledger.client.base_url) as browser:
+        form = await browser.get("/console/sign-in")
+        token = form_token(form.text)
+        cookies = f"{SIGN_IN_COOKIE}={browser.cookies.get(SIGN_IN_COOKIE)}; {SESSION_COOKIE}={first}"
+        again = await browser.post(
+            "/console/sign-in",
+            data={"csrf_token": token, "api_key": ledger.keys["admin"]},
+            headers={"Cookie": cookies},
+        )
+        assert again.status_code == 303
+    assert await ledger.count("SELECT count(*) FROM console_sessions WHERE ended_at IS NULL") == 1
+    stale = await ledger.client.get("/console")
+    assert stale.status_code == 303

@@ -6,8 +6,6 @@ it, and checks the CSRF token of every POST, before any handler runs.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -24,6 +22,7 @@ from litestar.static_files import create_static_files_router
 from ledger_service.api.console import security
 from ledger_service.api.console.chart import usage_chart
 from ledger_service.api.console.review import side_by_side
+from ledger_service.api.csv_writer import csv_text
 from ledger_service.domain import errors
 from ledger_service.domain.errors import LedgerError
 from ledger_service.services.api_keys import Principal
@@ -157,6 +156,9 @@ async def sign_in(request: Request[Any, Any, Any]) -> Response[Any]:
         response.headers["Retry-After"] = str(refused.retry_after)
         return response
     request.scope.setdefault("state", {})["principal"] = new.principal
+    earlier = request.cookies.get(security.SESSION_COOKIE)
+    if earlier:  # a sign-in replaces the session this browser had: it ends, not only its cookie
+        await _console(request).sign_out(earlier)
     seconds = _console(request).session_seconds
     return Redirect(
         "/console",
@@ -265,30 +267,27 @@ async def statement_csv(
     first = await anext(pages, None)  # the first page before the response starts: its errors are still a page
 
     async def rows() -> AsyncIterator[str]:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
-        batch = first
-        while batch is not None:
-            for line in batch:
-                writer.writerow(
-                    [
-                        line.entry_id,
-                        line.kind,
-                        line.created_at.astimezone(UTC).isoformat(),
-                        line.request_id or "",
-                        line.ledger,
-                        line.amount,
-                        line.balance_after,
-                    ]
-                )
-            yield buffer.getvalue()
-            buffer.seek(0)
-            buffer.truncate()
+        # Through the service's one CSV writer (api/csv_writer.py): no cell can be read as a formula.
+        header, batch = CSV_COLUMNS, first
+        while True:
+            cells = [
+                [
+                    line.entry_id,
+                    line.kind,
+                    line.created_at.astimezone(UTC).isoformat(),
+                    line.request_id,
+                    line.ledger,
+                    line.amount,
+                    line.balance_after,
+                ]
+                for line in batch or []
+            ]
+            text = csv_text(header, cells)
+            yield text if header else text.split("\n", 1)[1]
             batch = await anext(pages, None)
-        rest = buffer.getvalue()
-        if rest:
-            yield rest
+            if batch is None:
+                return
+            header = []
 
     filename = "statement-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in account) + ".csv"
     return Stream(
