@@ -20,8 +20,8 @@ from ledger_service.api.controllers.accounts import AccountController
 from ledger_service.api.controllers.api_keys import ApiKeyController
 from ledger_service.api.controllers.batch import BatchController
 from ledger_service.api.controllers.entries import EntryController
-from ledger_service.api.controllers.external_reconciliation import ExternalReconciliationController, MarginController
 from ledger_service.api.controllers.external import ExternalController, upload_router
+from ledger_service.api.controllers.external_reconciliation import ExternalReconciliationController, MarginController
 from ledger_service.api.controllers.funding import FundingController
 from ledger_service.api.controllers.health import HealthController
 from ledger_service.api.controllers.pricing import PricingController
@@ -36,8 +36,8 @@ from ledger_service.observability import configure_logging
 from ledger_service.services.api_keys import ApiKeyService
 from ledger_service.services.audit import HEAVY_REPORT_STATEMENT_SECONDS, AuditService, HeavyReads
 from ledger_service.services.batch import BatchService
-from ledger_service.services.external_reconciliation import ExternalReconciliationService
 from ledger_service.services.external import ExternalService
+from ledger_service.services.external_reconciliation import ExternalReconciliationService
 from ledger_service.services.housekeeping import Housekeeping
 from ledger_service.services.ledger import LedgerService
 from ledger_service.services.lifecycle import LifecycleService
