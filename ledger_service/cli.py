@@ -53,7 +53,9 @@ def _run_with_engine(
     from ledger_service.db.engine import create_engine
 
     async def main() -> T:
-        engine = create_engine(url, pool_size=2, command_timeout=command_timeout)
+        engine = create_engine(
+            url, pool_size=2, command_timeout=command_timeout, statement_cache=settings.statement_cache
+        )
         try:
             return await job(engine)
         finally:
@@ -121,6 +123,12 @@ def _shared_metrics_dir(workers: int) -> str | None:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.pgbouncer == "transaction":
+        raise SettingsError(
+            "migrations hold a session's advisory lock, which pgbouncer's transaction pooling breaks: run"
+            " `ledger-service migrate` with LEDGER_DATABASE_URL pointing at PostgreSQL itself and LEDGER_PGBOUNCER"
+            " unset"
+        )
     with database_url(settings.database_url, settings.data_dir) as url:
         migrate(url)
     print("migrations applied")

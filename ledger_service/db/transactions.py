@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 SERIALIZATION_FAILURE = "40001"
 DEADLOCK_DETECTED = "40P01"
 UNIQUE_VIOLATION = "23505"
+READ_ONLY_SQL_TRANSACTION = "25006"
+"""A write refused because the server is (now) read-only: it was the primary and has been demoted, or made
+read-only by its operator. The connection is as useless as a lost one (docs/operations.md, High availability)."""
 RETRYABLE_SQLSTATES = frozenset({SERIALIZATION_FAILURE, DEADLOCK_DETECTED})
 
 IDEMPOTENCY_CONSTRAINTS = frozenset({"requests_pkey", "entries_reference_key", "entries_reverses_key"})
@@ -66,8 +69,11 @@ def constraint_of(error: BaseException) -> str | None:
 
 
 def is_connection_sqlstate(state: object) -> bool:
-    """SQLSTATEs that mean the connection, not the statement, failed: class 08, shutdowns, too many connections."""
-    return isinstance(state, str) and (state.startswith("08") or state in {"57P01", "57P02", "57P03", "53300"})
+    """SQLSTATEs that mean the connection, not the statement, failed: class 08, shutdowns, too many connections, and
+    a write refused by a server that is no longer the primary (25006)."""
+    return isinstance(state, str) and (
+        state.startswith("08") or state in {"57P01", "57P02", "57P03", "53300", READ_ONLY_SQL_TRANSACTION}
+    )
 
 
 def is_connection_error(error: BaseException) -> bool:
@@ -120,6 +126,8 @@ def sqlstate_verdict(state: str | None) -> Verdict:
     """The verdict on a database error by its SQLSTATE alone."""
     if state in RETRYABLE_SQLSTATES:
         return Verdict.RETRY_LATER
+    if state == READ_ONLY_SQL_TRANSACTION:  # once more, on a new connection: to the new primary, if there is one
+        return Verdict.RECONNECT
     if is_connection_sqlstate(state):
         return Verdict.UNAVAILABLE
     return Verdict.RAISE
@@ -169,10 +177,12 @@ async def run_transaction(
     *,
     isolation_level: str = DEFAULT_ISOLATION,
     attempts: int = MAX_ATTEMPTS,
+    before: Callable[[AsyncConnection], Awaitable[None]] | None = None,
 ) -> T:
     """Run `work` in a transaction and commit it, retried whole as `with_retries` and `_judge` say.
 
-    Connection failures become DatabaseUnavailable. Any other error rolls back and propagates.
+    Connection failures become DatabaseUnavailable. Any other error rolls back and propagates. `before` runs on
+    the same connection first, in a transaction of its own (rolled back): what it waits for is in `work`'s snapshot.
     """
 
     async def attempt() -> T:
@@ -182,6 +192,9 @@ async def run_transaction(
             async with engine.connect() as conn:
                 if isolation_level != DEFAULT_ISOLATION:  # the engine's own level needs no statement
                     await conn.execution_options(isolation_level=isolation_level)
+                if before is not None:
+                    await before(conn)
+                    await conn.rollback()
                 async with conn.begin():
                     result = await work(conn)
         finally:
