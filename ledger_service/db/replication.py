@@ -85,7 +85,7 @@ async def replayed(conn: AsyncConnection, position: str) -> bool:
     found = await conn.scalar(
         text(
             "SELECT coalesce(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn()"
-            " END >= CAST(:position AS pg_lsn), false)"
+            " END >= CAST(CAST(:position AS text) AS pg_lsn), false)"
         ),
         {"position": position},
     )

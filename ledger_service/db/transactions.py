@@ -16,6 +16,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from asyncpg.exceptions import TargetServerAttributeNotMatched
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -51,6 +52,10 @@ class RetryTransaction(Exception):
     """Raised inside a unit of work to run it again from the start (e.g. lost an idempotency-key race)."""
 
 
+NoPrimary = TargetServerAttributeNotMatched
+"""asyncpg's error when none of a URL's hosts is what target_session_attrs asks (no primary: during a failover)."""
+
+
 def sqlstate_of(error: BaseException) -> str | None:
     orig = getattr(error, "orig", None)
     state = getattr(orig, "sqlstate", None) or getattr(error, "sqlstate", None)
@@ -78,7 +83,7 @@ def is_connection_sqlstate(state: object) -> bool:
 
 def is_connection_error(error: BaseException) -> bool:
     """True for failures of the connection itself rather than of the statement."""
-    if isinstance(error, OSError | ConnectionError | PoolTimeoutError | InterfaceError):
+    if isinstance(error, OSError | ConnectionError | PoolTimeoutError | InterfaceError | NoPrimary):
         return True
     if isinstance(error, DBAPIError):
         if error.connection_invalidated:
@@ -89,7 +94,7 @@ def is_connection_error(error: BaseException) -> bool:
         if state is None and isinstance(error, OperationalError | InterfaceError):
             return True
         cause = getattr(error.orig, "__cause__", None)
-        return isinstance(cause, OSError | ConnectionError)
+        return isinstance(cause, OSError | ConnectionError | NoPrimary)
     return False
 
 
@@ -161,7 +166,7 @@ def _judge(error: Exception) -> Verdict:
         if is_connection_error(error):
             return Verdict.RECONNECT if error.connection_invalidated else Verdict.UNAVAILABLE
         return sqlstate_verdict(sqlstate_of(error))
-    if isinstance(error, OSError | ConnectionError | PoolTimeoutError):
+    if isinstance(error, OSError | ConnectionError | PoolTimeoutError | NoPrimary):
         return Verdict.UNAVAILABLE
     return Verdict.RAISE
 
