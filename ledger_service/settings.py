@@ -103,10 +103,10 @@ class Settings:
     `ledger_replication_synchronous 0`. Default false: such a cluster is refused at start."""
 
     pgbouncer: str = "off"
-    """LEDGER_PGBOUNCER: `off` (default; also right for pgbouncer's session pooling) or `transaction`: the URL
-    reaches PostgreSQL through pgbouncer's transaction pooling, so no prepared statement or session setting is kept
-    between transactions. Migrations take a session's lock: run `ledger-service migrate` against PostgreSQL itself,
-    and serve with LEDGER_AUTO_MIGRATE=false."""
+    """LEDGER_PGBOUNCER: `off` (default: the URL reaches PostgreSQL itself), `session` (through pgbouncer's session
+    pooling: no startup parameter pgbouncer would refuse) or `transaction` (through its transaction pooling: also no
+    prepared statement kept between transactions). Migrations take a session's lock: with `transaction`, run
+    `ledger-service migrate` against PostgreSQL itself, and serve with LEDGER_AUTO_MIGRATE=false."""
 
     data_dir: Path = field(default_factory=lambda: Path(".ledger-data"))
     """LEDGER_DATA_DIR: where the embedded PostgreSQL keeps its files (default `./.ledger-data`)."""

@@ -405,7 +405,7 @@ def _pgbouncer_files(root: Path, target: Server, port: int, mode: str) -> None:
         f"[databases]\nledger = host=127.0.0.1 port={target.port} dbname=ledger\n"
         f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
         f"auth_type = trust\nauth_file = {root / 'users.txt'}\npool_mode = {mode}\n"
-        "default_pool_size = 3\nmax_client_conn = 200\nlogfile = \npidfile = \n"
+        f"default_pool_size = {3 if mode == 'transaction' else 40}\nmax_client_conn = 200\nlogfile = \npidfile = \n"
     )
     for path in (root, *root.iterdir()):
         _own(path, target.user)
@@ -413,7 +413,8 @@ def _pgbouncer_files(root: Path, target: Server, port: int, mode: str) -> None:
 
 @asynccontextmanager
 async def pgbouncer(target: Server, mode: str) -> AsyncIterator[str]:
-    """pgbouncer in front of `target`, with fewer server connections than the service has clients."""
+    """pgbouncer in front of `target`; in transaction pooling with fewer server connections than the service has
+    client connections (session pooling gives each client a server connection of its own, for its lifetime)."""
     assert PGBOUNCER is not None
     root = Path(tempfile.mkdtemp(prefix="ledger-pgbouncer-"))
     port = free_port()
@@ -442,16 +443,17 @@ async def pgbouncer(target: Server, mode: str) -> AsyncIterator[str]:
 
 
 @pytest.mark.skipif(PGBOUNCER is None, reason="pgbouncer is not installed (Debian: apt-get install pgbouncer)")
-async def test_the_ledger_works_behind_pgbouncer_transaction_pooling(cluster: Cluster) -> None:
-    async with pgbouncer(cluster.primary, "transaction") as url:
-        settings = cluster_settings(url, pgbouncer="transaction", allow_async_replication=True, pool_size=8)
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+async def test_the_ledger_works_behind_pgbouncer(cluster: Cluster, mode: str) -> None:
+    async with pgbouncer(cluster.primary, mode) as url:
+        settings = cluster_settings(url, pgbouncer=mode, allow_async_replication=True, pool_size=8)
         async with serving(settings) as ledger:
 
             async def relay(user: int) -> None:
                 await ledger.fund(user, 100_000)
                 await ledger.token(user, user, remaining=50_000)
                 for i in range(4):
-                    request_id = f"pgb-{user}-{i}"
+                    request_id = f"pgb-{mode}-{user}-{i}"
                     held = await ledger.hold(request_id=request_id, user_id=user, token_id=user, max_tokens=50)
                     assert held.status_code == 201, held.text
                     settle = {"channel_id": 1, "prompt_tokens": 10, "completion_tokens": 5}
@@ -460,8 +462,9 @@ async def test_the_ledger_works_behind_pgbouncer_transaction_pooling(cluster: Cl
                 balance = await ledger.user(user)
                 assert balance["request_count"] == 4
 
-            await asyncio.gather(*(relay(user) for user in range(9001, 9013)))
-            feed = await ledger.get("/v1/entries?user_id=9001", as_="auditor")
+            first = 9001 if mode == "transaction" else 9101
+            await asyncio.gather(*(relay(user) for user in range(first, first + 12)))
+            feed = await ledger.get(f"/v1/entries?user_id={first}", as_="auditor")
             assert feed.status_code == 200, feed.text
             report = await ledger.get("/v1/reports/reconciliation", as_="auditor")
             assert report.status_code == 200, report.text

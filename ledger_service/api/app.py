@@ -150,7 +150,11 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
         try:
             await check_replication(engine, settings)
             lifecycle_pool = await create_pool(
-                settings.database_url, size=settings.pool_size, on_connect=seen.forget, statement_cache=cache
+                settings.database_url,
+                size=settings.pool_size,
+                on_connect=seen.forget,
+                statement_cache=cache,
+                startup_isolation=settings.pgbouncer == "off",
             )
         except BaseException:
             await engine.dispose()

@@ -39,15 +39,16 @@ async def create_pool(
     application_name: str = "ledger-service",
     on_connect: Callable[[], None] | None = None,
     statement_cache: bool = True,
+    startup_isolation: bool = True,
 ) -> Pool:
     """A pool for the lifecycle statements. READ COMMITTED is pinned per session, whatever the server defaults
     to: a plan's premises are checked by statements that must each see the latest commits (docs/accounting.md).
     `on_connect` runs for every new connection, including the ones that replace connections the server closed.
 
     The URL may name several hosts (db/engine.py): each connection goes to the primary. Without `statement_cache`
-    (pgbouncer's transaction pooling) nothing is kept on the server between transactions: no prepared statements,
-    and no session setting (pgbouncer refuses unknown startup parameters; the server's default isolation, READ
-    COMMITTED unless changed, is then the one)."""
+    (pgbouncer's transaction pooling) no prepared statement is kept between transactions. Without
+    `startup_isolation` (behind pgbouncer, which refuses unknown startup parameters) the isolation is not pinned:
+    the server's default, READ COMMITTED unless changed, is then the one."""
 
     async def opened(connection: Connection) -> None:
         if on_connect is not None:
@@ -61,7 +62,7 @@ async def create_pool(
             await connection.execute("ROLLBACK")
 
     options = connect_options(application_name=application_name, command_timeout=60, statement_cache=statement_cache)
-    if statement_cache:
+    if startup_isolation:
         options["server_settings"]["default_transaction_isolation"] = "read committed"
     pool: Pool = await asyncpg.create_pool(
         asyncpg_dsn(url), min_size=1, max_size=size, reset=keep, init=opened, **options
