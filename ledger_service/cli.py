@@ -84,6 +84,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
     with database_url(settings.database_url, settings.data_dir) as url:
         if settings.auto_migrate:
             migrate(url)
+        if not settings.allow_async_replication:  # refused here as one line; each worker checks again (and warns)
+            _refuse_asynchronous_cluster(url, settings)
         # Workers (and the app factory in this process) read the URL from the environment.
         os.environ["LEDGER_DATABASE_URL"] = url
         metrics_dir = _shared_metrics_dir(settings.workers)
@@ -110,6 +112,14 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
         finally:
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _refuse_asynchronous_cluster(url: str, settings: Settings) -> None:
+    """A cluster whose commits are not synchronous: AsynchronousReplication, a SettingsError (services/replicas.py)."""
+    from ledger_service.services.replicas import check_replication
+
+    checked = replace(settings, database_url=url)
+    _run_with_engine(url, settings, lambda engine: check_replication(engine, checked))
 
 
 def _shared_metrics_dir(workers: int) -> str | None:
