@@ -368,6 +368,17 @@ async def test_a_read_with_min_position_shows_the_write_even_when_the_replica_la
         assert (bad.status_code, bad.json()["code"]) == (400, "validation_error")
 
 
+async def test_an_unreachable_replica_hands_its_reads_to_the_primary(cluster: Cluster) -> None:
+    settings = replace(
+        read_settings(cluster), read_database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/ledger"
+    )
+    async with serving(settings) as ledger:
+        funded = await ledger.post("/v1/topups", {"user_id": 4343, "amount": 3, "reference": unique("u")}, as_="admin")
+        before = gauge("ledger_replica_fallbacks_total", reason="unavailable")
+        assert await entry_ids(ledger, "?user_id=4343") == [funded.json()["entry"]["id"]]
+        assert gauge("ledger_replica_fallbacks_total", reason="unavailable") == before + 1
+
+
 async def test_the_feed_on_the_replica_never_skips_a_late_commit(cluster: Cluster) -> None:
     async with serving(read_settings(cluster)) as ledger:
         first = await ledger.post("/v1/topups", {"user_id": 5151, "amount": 1, "reference": unique("f")}, as_="admin")
@@ -515,4 +526,6 @@ async def test_a_demoted_primary_answers_503_and_the_pools_move_to_the_new_prima
     count = "SELECT count(*) FROM entries WHERE reference = $1"
     assert await cluster.sql(replica, count, topup["reference"]) == 1
     assert await cluster.sql(primary, count, topup["reference"]) == 0
+    holds = "SELECT count(*) FROM entries WHERE request_id = $1 AND kind = 'hold'"
+    assert await cluster.sql(replica, holds, hold["request_id"]) == 1
     await cluster.set_primary("default_transaction_read_only", None)
