@@ -225,6 +225,7 @@ def test_several_hosts_get_target_session_attrs_read_write_unless_set() -> None:
     )
     one = "postgresql://postgres@/ledger?host=/run/pg&port=5432&sslmode=require"
     assert asyncpg_dsn(one) == one  # one server: as it was
+    assert asyncpg_dsn("postgres://u@db/x?ssl=verify-full") == "postgresql://u@db/x?sslmode=verify-full"
     assert hosts_of("postgresql://u@h1:1,h2:2,h3:3/db") == ["h1:1", "h2:2", "h3:3"]
 
 

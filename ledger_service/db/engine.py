@@ -63,7 +63,9 @@ def is_multi_host(url: str) -> bool:
 def asyncpg_dsn(url: str, *, several_hosts_target: str = READ_WRITE) -> str:
     """`postgresql://...` in the form asyncpg itself connects with (it reads libpq's sslmode and multi-host forms).
 
-    SQLAlchemy's multi-host form (`?host=h1:p1&host=h2:p2`) becomes libpq's (`?host=h1,h2&port=p1,p2`); with
+    `ssl=` (asyncpg's keyword, which this service's URLs have always taken) becomes libpq's `sslmode=`, the one
+    asyncpg reads from a DSN; the values are the same. SQLAlchemy's multi-host form (`?host=h1:p1&host=h2:p2`)
+    becomes libpq's (`?host=h1,h2&port=p1,p2`); with
     several hosts, `target_session_attrs=read-write` (`several_hosts_target`) is added unless the URL sets it.
     """
     _, netloc, path, pairs, fragment = _split(url)
@@ -76,6 +78,8 @@ def asyncpg_dsn(url: str, *, several_hosts_target: str = READ_WRITE) -> str:
         pairs.append(("host", ",".join(names)))
         if any(ports):
             pairs.append(("port", ",".join(port or "5432" for port in ports)))
+    if not any(key == "sslmode" for key, _ in pairs):  # asyncpg's own name, which its DSN parser does not read
+        pairs = [("sslmode" if key == "ssl" else key, value) for key, value in pairs]
     if is_multi_host(url) and not any(key == "target_session_attrs" for key, _ in pairs):
         pairs.append(("target_session_attrs", several_hosts_target))
     return urlunsplit(("postgresql", netloc, path, urlencode(pairs, safe="/,:"), fragment))
