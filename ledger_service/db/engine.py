@@ -65,8 +65,8 @@ def asyncpg_dsn(url: str, *, several_hosts_target: str = READ_WRITE) -> str:
 
     `ssl=` (asyncpg's keyword, which this service's URLs have always taken) becomes libpq's `sslmode=`, the one
     asyncpg reads from a DSN; the values are the same. SQLAlchemy's multi-host form (`?host=h1:p1&host=h2:p2`)
-    becomes libpq's (`?host=h1,h2&port=p1,p2`); with
-    several hosts, `target_session_attrs=read-write` (`several_hosts_target`) is added unless the URL sets it.
+    becomes libpq's (`?host=h1,h2&port=p1,p2`); with several hosts, `target_session_attrs=read-write`
+    (`several_hosts_target`) is added unless the URL sets it.
     """
     _, netloc, path, pairs, fragment = _split(url)
     hosts = [value for key, value in pairs if key == "host"]
@@ -83,15 +83,6 @@ def asyncpg_dsn(url: str, *, several_hosts_target: str = READ_WRITE) -> str:
     if is_multi_host(url) and not any(key == "target_session_attrs" for key, _ in pairs):
         pairs.append(("target_session_attrs", several_hosts_target))
     return urlunsplit(("postgresql", netloc, path, urlencode(pairs, safe="/,:"), fragment))
-
-
-def redacted(url: str) -> str:
-    """The URL without its password, for logs and error messages."""
-    scheme, netloc, path, query, fragment = urlsplit(url)
-    userinfo, at, hostlist = netloc.rpartition("@")
-    if ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":***"
-    return urlunsplit((scheme, f"{userinfo}{at}{hostlist}", path, query, fragment))
 
 
 def connect_options(
