@@ -14,6 +14,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusController
 from litestar.routes import HTTPRoute
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger_service.api.bodies import CommandSchemas, StrictBodies
 from ledger_service.api.controllers.accounts import AccountController
@@ -28,6 +29,7 @@ from ledger_service.api.controllers.pricing import PricingController
 from ledger_service.api.controllers.reports import AccountsController, ReportsController
 from ledger_service.api.controllers.requests import ConsumptionController, HoldController
 from ledger_service.api.middleware import access_log_middleware, admit_request, unrouted_middleware
+from ledger_service.api.positions import add_position
 from ledger_service.api.problems import handle_exception
 from ledger_service.api.ratelimit import RateLimiter
 from ledger_service.db.engine import create_engine
@@ -43,6 +45,7 @@ from ledger_service.services.ledger import LedgerService
 from ledger_service.services.lifecycle import LifecycleService
 from ledger_service.services.margin import MarginService
 from ledger_service.services.pricing import PricingService
+from ledger_service.services.replicas import Positions, check_replication
 from ledger_service.settings import Settings, SettingsError
 
 
@@ -117,6 +120,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         request_max_body_size=settings.max_body_bytes,
         logging_config=None,
         lifespan=[_lifespan(settings)],
+        before_send=[add_position],
         dependencies=DEPENDENCIES,
         exception_handlers={Exception: handle_exception},
         openapi_config=OPENAPI,
@@ -151,26 +155,60 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
             raise SettingsError(
                 "LEDGER_DATABASE_URL is not set (`ledger-service serve` sets it for the embedded server)"
             )
-        engine = create_engine(settings.database_url, pool_size=settings.pool_size)
+        cache = settings.statement_cache
+        engine = create_engine(settings.database_url, pool_size=settings.pool_size, statement_cache=cache)
+        engines = [engine]
         seen = SeenBalances()
-        lifecycle_pool = await create_pool(settings.database_url, size=settings.pool_size, on_connect=seen.forget)
+        try:
+            await check_replication(engine, settings)
+            lifecycle_pool = await create_pool(
+                settings.database_url,
+                size=settings.pool_size,
+                on_connect=seen.forget,
+                statement_cache=cache,
+                startup_isolation=settings.pgbouncer == "off",
+            )
+        except BaseException:
+            await engine.dispose()
+            raise
         lifecycle = LifecycleService(lifecycle_pool, settings, seen)
+
         # The whole-journal reports get connections of their own: they never take the shared pool's (services/audit.py).
-        reports_engine = create_engine(
-            settings.database_url,
-            pool_size=settings.heavy_reports,
-            application_name="ledger-service-reports",
-            command_timeout=HEAVY_REPORT_STATEMENT_SECONDS,
-        )
-        heavy = HeavyReads(reports_engine, settings.heavy_reports)
+        def reports_engine_of(url: str, *, reads_only: bool = False) -> AsyncEngine:
+            return create_engine(
+                url,
+                pool_size=settings.heavy_reports,
+                application_name="ledger-service-reports",
+                command_timeout=HEAVY_REPORT_STATEMENT_SECONDS,
+                statement_cache=cache,
+                reads_only=reads_only,
+            )
+
+        reports_engine = reports_engine_of(settings.database_url)
+        engines.append(reports_engine)
+        replica = replica_reports = None
+        if settings.read_database_url is not None:  # the audit reads' own server (services/replicas.py)
+            replica = create_engine(
+                settings.read_database_url,
+                pool_size=settings.pool_size,
+                application_name="ledger-service-audit",
+                statement_cache=cache,
+                reads_only=True,
+            )
+            replica_reports = reports_engine_of(settings.read_database_url, reads_only=True)
+            engines += [replica, replica_reports]
+        heavy = HeavyReads(reports_engine, settings.heavy_reports, replica=replica_reports)
         audit = AuditService(
             engine,
             sweep_interval_seconds=settings.sweep_interval_seconds,
             snapshot_interval_seconds=settings.snapshot_interval_seconds,
             heavy=heavy,
+            replica=replica,
         )
+        positions = Positions(lifecycle_pool)
         state = app.state
         state.engine = engine
+        state.positions = positions
         state.ledger = LedgerService(engine, settings, lifecycle)
         state.batches = BatchService(lifecycle)
         state.pricing = PricingService(engine)
@@ -193,9 +231,10 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
             yield
         finally:
             await housekeeping.stop()
+            await positions.close()
             await lifecycle_pool.close()
-            await engine.dispose()
-            await reports_engine.dispose()
+            for each in engines:
+                await each.dispose()
 
     return lifespan
 
