@@ -205,7 +205,8 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
             heavy=heavy,
             replica=replica,
         )
-        positions = Positions(lifecycle_pool)
+        # Positions matter only to reads a replica serves; without one, writes skip the extra round trip.
+        positions = Positions(lifecycle_pool) if replica is not None else None
         state = app.state
         state.engine = engine
         state.positions = positions
@@ -231,7 +232,8 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
             yield
         finally:
             await housekeeping.stop()
-            await positions.close()
+            if positions is not None:
+                await positions.close()
             await lifecycle_pool.close()
             for each in engines:
                 await each.dispose()
