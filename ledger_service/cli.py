@@ -53,7 +53,9 @@ def _run_with_engine(
     from ledger_service.db.engine import create_engine
 
     async def main() -> T:
-        engine = create_engine(url, pool_size=2, command_timeout=command_timeout)
+        engine = create_engine(
+            url, pool_size=2, command_timeout=command_timeout, statement_cache=settings.statement_cache
+        )
         try:
             return await job(engine)
         finally:
@@ -82,6 +84,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
     with database_url(settings.database_url, settings.data_dir) as url:
         if settings.auto_migrate:
             migrate(url)
+        if not settings.allow_async_replication:  # refused here as one line; each worker checks again (and warns)
+            _refuse_asynchronous_cluster(url, settings)
         # Workers (and the app factory in this process) read the URL from the environment.
         os.environ["LEDGER_DATABASE_URL"] = url
         metrics_dir = _shared_metrics_dir(settings.workers)
@@ -110,6 +114,14 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+def _refuse_asynchronous_cluster(url: str, settings: Settings) -> None:
+    """A cluster whose commits are not synchronous: AsynchronousReplication, a SettingsError (services/replicas.py)."""
+    from ledger_service.services.replicas import check_replication
+
+    checked = replace(settings, database_url=url)
+    _run_with_engine(url, settings, lambda engine: check_replication(engine, checked))
+
+
 def _shared_metrics_dir(workers: int) -> str | None:
     """With several workers, each keeps its own metrics; prometheus-client's multiprocess mode adds them up, in a
     directory of files every worker writes to. One worker needs none of this."""
@@ -121,6 +133,12 @@ def _shared_metrics_dir(workers: int) -> str | None:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.pgbouncer == "transaction":
+        raise SettingsError(
+            "migrations hold a session's advisory lock, which pgbouncer's transaction pooling breaks: run"
+            " `ledger-service migrate` with LEDGER_DATABASE_URL pointing at PostgreSQL itself and LEDGER_PGBOUNCER"
+            " unset"
+        )
     with database_url(settings.database_url, settings.data_dir) as url:
         migrate(url)
     print("migrations applied")

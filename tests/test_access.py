@@ -93,6 +93,18 @@ ROUTES: list[Route] = [
     # External reconciliation and margins (section 11)
     Route("POST", "/v1/external/reconciliations", ADMIN, {"upload_id": 1}),
     Route("GET", "/v1/external/reconciliations", AUDIT),
+    Route("POST", "/v1/external/uploads?source=openai_usage", ADMIN, {"object": "page", "data": []}),
+    Route("GET", "/v1/external/uploads", AUDIT),
+    Route("GET", "/v1/external/uploads/1", AUDIT),
+    Route("PUT", "/v1/external/channel-map/csv/access-key", ADMIN, {"channel_id": 1}),
+    Route("GET", "/v1/external/channel-map", AUDIT),
+    Route(
+        "PUT",
+        "/v1/external/provider-prices/access-model",
+        ADMIN,
+        {"input_usd_per_mtok": "1", "output_usd_per_mtok": "1"},
+    ),
+    Route("GET", "/v1/external/provider-prices", AUDIT),
     Route("GET", "/v1/external/reconciliations/1", AUDIT),
     Route("POST", "/v1/external/reconciliations/1/items/1/explain", AUDIT, {"note": "access"}),
     Route("GET", "/v1/reports/margin?month=2026-01", AUDIT),
