@@ -7,9 +7,11 @@ import csv
 import io
 import logging
 import re
+from datetime import UTC, datetime
 
 import httpx
 import pytest
+from litestar import Litestar
 
 from ledger_service.api.console.security import SESSION_COOKIE, SIGN_IN_COOKIE
 from tests.console_support import a_reconciliation_run, a_settled_request, form_token, sign_in, signed_in
@@ -422,3 +424,24 @@ async def test_signing_in_again_ends_the_earlier_session(ledger: LedgerClient) -
     assert await ledger.count("SELECT count(*) FROM console_sessions WHERE ended_at IS NULL") == 1
     stale = await ledger.client.get("/console")
     assert stale.status_code == 303
+
+
+async def test_the_usage_chart_is_kept_a_minute_and_past_days_longer(ledger: LedgerClient, app: Litestar) -> None:
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    row = re.compile(rf'<tr><td>{today}</td><td class="num">([\d,]+)</td><td class="num">([\d,]+)</td></tr>')
+    await a_settled_request(ledger)  # 750 quota today
+    client = ledger.client
+    await signed_in(client, ledger.keys["auditor"])
+    first = row.search((await client.get("/console")).text)
+    assert first is not None
+    assert first.groups() == ("1", "750")
+    await a_settled_request(ledger, user_id=8, token_id=80)
+    kept = row.search((await client.get("/console")).text)
+    assert kept is not None
+    assert kept.groups() == ("1", "750")  # within the minute: the same chart
+    console = app.state.console
+    assert len(console._closed) >= 28  # the past days are kept for good (yesterday too, 10 minutes after midnight)
+    console._usage = None  # the minute is over
+    fresh = row.search((await client.get("/console")).text)
+    assert fresh is not None
+    assert fresh.groups() == ("2", "1,500")
