@@ -14,6 +14,7 @@ import pytest
 from litestar import Litestar
 
 from ledger_service.api.console.security import SESSION_COOKIE, SIGN_IN_COOKIE
+from ledger_service.db.transactions import DatabaseUnavailable
 from tests.console_support import a_reconciliation_run, a_settled_request, form_token, sign_in, signed_in
 from tests.support import LedgerClient
 
@@ -445,3 +446,21 @@ async def test_the_usage_chart_is_kept_a_minute_and_past_days_longer(ledger: Led
     fresh = row.search((await client.get("/console")).text)
     assert fresh is not None
     assert fresh.groups() == ("2", "1,500")
+
+
+async def test_a_database_outage_is_a_503_page(
+    ledger: LedgerClient, app: Litestar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = ledger.client
+    await signed_in(client, ledger.keys["auditor"])
+
+    async def unreachable(secret: str) -> None:
+        raise DatabaseUnavailable("connection refused")
+
+    monkeypatch.setattr(app.state.console, "session", unreachable)
+    response = await client.get("/console")
+    assert response.status_code == 503
+    assert response.headers["content-type"].startswith(HTML)
+    assert response.headers["retry-after"] == "2"
+    assert "The database is unavailable" in response.text
+    assert_security_headers(response)

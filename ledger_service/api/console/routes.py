@@ -23,6 +23,7 @@ from ledger_service.api.console import security
 from ledger_service.api.console.chart import usage_chart
 from ledger_service.api.console.review import side_by_side
 from ledger_service.api.csv_writer import csv_text
+from ledger_service.db.transactions import DatabaseUnavailable, is_connection_error
 from ledger_service.domain import errors
 from ledger_service.domain.errors import LedgerError
 from ledger_service.services.api_keys import Principal
@@ -110,6 +111,17 @@ def console_error(request: Request[Any, Any, Any], error: Exception) -> Response
         return page(request, "error.html", status=error.status, title=error.title, detail=error.detail)
     if isinstance(error, HTTPException):
         return page(request, "error.html", status=error.status_code, title="Request refused", detail=str(error.detail))
+    if isinstance(error, DatabaseUnavailable) or is_connection_error(error):
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, error)
+        response = page(
+            request,
+            "error.html",
+            status=503,
+            title="The database is unavailable",
+            detail="The ledger database cannot be reached just now. Try again in a moment.",
+        )
+        response.headers["Retry-After"] = "2"
+        return response
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return page(request, "error.html", status=500, title="Internal error", detail="An unexpected error occurred.")
 
