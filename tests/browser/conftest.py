@@ -71,7 +71,8 @@ class Browser:
         self.driver.get(self.base_url + path)
 
     def screenshot(self, name: str) -> None:
-        """Save the page as console-<name>.png, to docs/images (for docs/auditing.md) and to the test artifacts."""
+        """Save the page as console-<name>.png to the test artifacts, and with LEDGER_UPDATE_SCREENSHOTS=1 also to
+        docs/images (the pictures docs/auditing.md shows), so a plain test run leaves the checkout as it was."""
         driver = self.driver
         height = driver.execute_script("return document.documentElement.scrollHeight")
         metrics = {"width": 1280, "height": min(max(int(height), 600), 2400), "deviceScaleFactor": 1, "mobile": False}
@@ -80,8 +81,11 @@ class Browser:
             png = driver.get_screenshot_as_png()
         finally:
             driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
-        DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
-        for directory in (DOCS_IMAGES, artifacts_dir()):
+        directories = [artifacts_dir()]
+        if os.environ.get("LEDGER_UPDATE_SCREENSHOTS") == "1":
+            DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+            directories.append(DOCS_IMAGES)
+        for directory in directories:
             (directory / f"console-{name}.png").write_bytes(png)
 
     def wait_for_download(self, suffix: str, timeout: float = 20) -> Path:
