@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 ORDER = ("requests", "input_tokens", "output_tokens", "cached_tokens", "quota", "cost_usd")
@@ -53,12 +54,22 @@ def side_by_side(
     for label, source in (("difference", difference), ("provider", provider), ("ledger", ledger)):
         for name, value in source.items():
             if not _scalar(value) and value:
-                extras[f"{name} ({label})" if name in extras else name] = value
+                extras[f"{name} ({label})" if name in extras else name] = readable(value)
     return measures, extras
 
 
+def readable(value: Any) -> str:
+    """A list or map as a person reads it: reasons one after another, records as `upload 1, line 2`."""
+    if isinstance(value, dict):
+        return ", ".join(f"{key.replace('_id', '')} {readable(item)}" for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return "; ".join(readable(item) for item in value)
+    return str(value)
+
+
 def _zero(text: str) -> bool:
+    """A decimal string that is zero; amounts are compared as decimals, never as binary floats."""
     try:
-        return float(text) == 0
-    except ValueError:
+        return Decimal(text) == 0
+    except ArithmeticError:
         return False
