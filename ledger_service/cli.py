@@ -258,6 +258,15 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     return main_bench(options, args.json, lambda message: print(f"  ... {message}", file=sys.stderr, flush=True))
 
 
+def cmd_ha_drill(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from ledger_service.drill.run import run_from_args
+    except ImportError as error:  # httpx, for the relay clients, comes with the development dependencies
+        print(f"ledger-service ha-drill: {error}; run it from the project's .venv (make ha-drill)", file=sys.stderr)
+        return 2
+    return run_from_args(args)
+
+
 def cmd_compare_relay(args: argparse.Namespace, settings: Settings) -> int:
     """The shadow period's check: the relay's own bills against the ledger's (services/relay_compare.py).
     Exit 0 when everything matches within tolerance, 1 otherwise, 2 (one line) on bad arguments or an unreadable
@@ -398,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(handler=cmd_bench)
     _add_compare_relay(commands)
+    from ledger_service.drill.options import add_arguments as add_drill_arguments
+
+    drill = commands.add_parser(
+        "ha-drill", help="the failover drill: etcd, a 3-node Patroni cluster and the service on loopback, three rounds"
+    )
+    add_drill_arguments(drill)
+    drill.set_defaults(handler=cmd_ha_drill)
     return parser
 
 

@@ -1,0 +1,32 @@
+"""The drill's options and its command-line arguments (imported by cli.py to build its parser: nothing heavy here;
+httpx, which the clients need, is a development dependency)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Options:
+    clients: int = 4
+    users: int = 20
+    warmup: float = 5.0
+    """Seconds of load before the strike."""
+    after: float = 5.0
+    """Seconds of load on the new primary after its first write."""
+    single_host: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Options:
+        return cls(clients=args.clients, users=args.users, single_host=args.single_host)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clients", type=int, default=4, help="retrying relay clients (default 4)")
+    parser.add_argument("--users", type=int, default=20, help="users the clients hold and settle for (default 20)")
+    parser.add_argument(
+        "--single-host",
+        action="store_true",
+        help="point the service at the first primary only (for a service without multi-host URLs: round 1 only)",
+    )
