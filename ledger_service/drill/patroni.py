@@ -28,30 +28,33 @@ from ledger_service.drill.processes import DrillError, RunAs, own_dir, postmaste
 SCOPE = "ledger-drill"
 PASSWORD = "drill"  # noqa: S105 - loopback only, and every connection is trusted (pg_hba below)
 
-DCS = {
-    "ttl": 10,
-    "loop_wait": 2,
-    "retry_timeout": 4,
-    "maximum_lag_on_failover": 16 * 1024 * 1024,
-    "synchronous_mode": True,
-    "synchronous_mode_strict": True,
-    "postgresql": {
-        "use_pg_rewind": True,
-        "use_slots": True,
-        "parameters": {
-            "synchronous_commit": "on",
-            "wal_log_hints": "on",
-            "wal_level": "replica",
-            "hot_standby": "on",
-            "max_connections": 100,
-            "max_wal_senders": 10,
-            "max_replication_slots": 10,
-            "wal_keep_size": "256MB",
-            "shared_buffers": "64MB",
+
+def dcs(ttl: int, loop_wait: int, retry_timeout: int) -> dict[str, Any]:
+    """Patroni's cluster-wide settings, written to the store once at bootstrap. Patroni wants
+    loop_wait + 2 x retry_timeout <= ttl."""
+    return {
+        "ttl": ttl,
+        "loop_wait": loop_wait,
+        "retry_timeout": retry_timeout,
+        "maximum_lag_on_failover": 16 * 1024 * 1024,
+        "synchronous_mode": True,
+        "synchronous_mode_strict": True,
+        "postgresql": {
+            "use_pg_rewind": True,
+            "use_slots": True,
+            "parameters": {
+                "synchronous_commit": "on",
+                "wal_log_hints": "on",
+                "wal_level": "replica",
+                "hot_standby": "on",
+                "max_connections": 100,
+                "max_wal_senders": 10,
+                "max_replication_slots": 10,
+                "wal_keep_size": "256MB",
+                "shared_buffers": "64MB",
+            },
         },
-    },
-}
-"""Patroni's cluster-wide settings, written to the store once at bootstrap."""
+    }
 
 
 @dataclass
@@ -71,7 +74,7 @@ class Node:
     def url(self, database: str) -> str:
         return f"postgresql://postgres:{PASSWORD}@127.0.0.1:{self.pg_port}/{database}"
 
-    def config(self, pg_bin: Path) -> dict[str, Any]:
+    def config(self, pg_bin: Path, bootstrap_dcs: dict[str, Any]) -> dict[str, Any]:
         trust = ["local all all trust", "host all all 127.0.0.1/32 trust", "host replication all 127.0.0.1/32 trust"]
         return {
             "scope": SCOPE,
@@ -79,7 +82,7 @@ class Node:
             "log": {"level": "INFO"},
             "restapi": {"listen": f"127.0.0.1:{self.rest_port}", "connect_address": f"127.0.0.1:{self.rest_port}"},
             "etcd3": {"hosts": [f"127.0.0.1:{self.proxy_port}"], "use_proxies": True, "protocol": "http"},
-            "bootstrap": {"dcs": DCS, "initdb": [{"encoding": "UTF8"}, {"locale": "C.UTF-8"}]},
+            "bootstrap": {"dcs": bootstrap_dcs, "initdb": [{"encoding": "UTF8"}, {"locale": "C.UTF-8"}]},
             "postgresql": {
                 "listen": f"127.0.0.1:{self.pg_port}",
                 "connect_address": f"127.0.0.1:{self.pg_port}",
@@ -96,10 +99,10 @@ class Node:
             "tags": {"nofailover": False, "noloadbalance": False, "clonefrom": False, "nosync": False},
         }
 
-    def start(self, patroni: Path, pg_bin: Path, run_as: RunAs) -> None:
+    def start(self, patroni: Path, pg_bin: Path, run_as: RunAs, bootstrap_dcs: dict[str, Any]) -> None:
         own_dir(self.directory, run_as)
         config = self.directory / "patroni.yml"
-        config.write_text(json.dumps(self.config(pg_bin), indent=2))  # JSON is YAML
+        config.write_text(json.dumps(self.config(pg_bin, bootstrap_dcs), indent=2))  # JSON is YAML
         run_as.own(config)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.directory), "LC_ALL": "C.UTF-8"}
         argv = run_as.command([str(patroni), str(config)])

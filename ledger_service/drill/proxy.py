@@ -49,6 +49,12 @@ class CuttableProxy:
             self.dead.clear()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._relay(reader, writer)
+        except asyncio.CancelledError:  # the drill is ending (Proxies.stop)
+            writer.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.cut:
             self.dead.add(writer)
             await self._swallow(reader)

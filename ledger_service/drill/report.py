@@ -26,6 +26,8 @@ class RoundFigures:
     reconciled: bool | None = None
     rejoined: float | None = None
     """Seconds from healing the old primary until three members run again."""
+    rewound: bool = False
+    """Patroni ran pg_rewind on the old primary to bring it back."""
     agree: bool | None = None
     entries: int = 0
     error: str | None = None
@@ -52,7 +54,7 @@ def _yes(value: bool | None) -> str:
 
 def render(rounds: list[RoundFigures], total_seconds: float) -> str:
     header = ("round", "strike", "primary", "1st fail s", "1st write s", "demoted s", "acked", "acked alone",
-              "retries", "replays", "lost", "doubled", "zero-sum", "reconcile", "rejoin s", "agree",
+              "retries", "replays", "lost", "doubled", "zero-sum", "reconcile", "rejoin s", "rewound", "agree",
               "entries")  # fmt: skip
     rows = [header]
     for r in rounds:
@@ -66,7 +68,7 @@ def render(rounds: list[RoundFigures], total_seconds: float) -> str:
             str(r.retries), str(r.replayed),
             str(len(journal.lost)) if journal else "-", str(len(journal.doubled)) if journal else "-",
             _yes(all(v == 0 for v in journal.ledgers.values()) if journal else None),
-            _yes(r.reconciled), _seconds(r.rejoined), _yes(r.agree), str(r.entries),
+            _yes(r.reconciled), _seconds(r.rejoined), "yes" if r.rewound else "no", _yes(r.agree), str(r.entries),
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]

@@ -7,12 +7,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import functools
 import secrets
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 import asyncpg
@@ -21,8 +22,8 @@ from ledger_service.drill.checks import check_journal, nodes_agree, reconcile
 from ledger_service.drill.clients import Load, Records
 from ledger_service.drill.etcd import EtcdCluster
 from ledger_service.drill.options import Options, add_arguments
-from ledger_service.drill.packages import Binaries, ensure_installed
-from ledger_service.drill.patroni import Cluster, Node
+from ledger_service.drill.packages import ensure_installed
+from ledger_service.drill.patroni import Cluster, Node, dcs
 from ledger_service.drill.processes import BASE, DrillError, RunAs, exclusive_run, free_ports, fresh_base, sweep
 from ledger_service.drill.proxy import CuttableProxy, Proxies
 from ledger_service.drill.report import RoundFigures, render
@@ -85,8 +86,9 @@ async def drill(options: Options) -> list[RoundFigures]:
         etcd.start()
         await etcd.healthy()
         proxies.start()
+        settings = dcs(options.ttl, options.loop_wait, options.retry_timeout)
         for node in cluster.nodes:
-            node.start(binaries.patroni, binaries.pg_bin, run_as)
+            node.start(binaries.patroni, binaries.pg_bin, run_as, settings)
         leader, sync = await cluster.wait_healthy(within=180)
         say(f"cluster up: {leader.name} primary, {sync.name} synchronous standby")
         await create_database(leader)
@@ -97,7 +99,9 @@ async def drill(options: Options) -> list[RoundFigures]:
             await service.ready()
             await service.fund(options.users)
             say("service up, users funded")
-            rounds = await run_rounds(options, cluster, proxies, service, binaries, run_as)
+            restart = functools.partial(Node.start, patroni=binaries.patroni, pg_bin=binaries.pg_bin, run_as=run_as,
+                                        bootstrap_dcs=settings)  # fmt: skip
+            rounds = await run_rounds(options, cluster, proxies, service, restart)
         finally:
             service.stop()
         passed = len(rounds) == len(STRIKES) and all(r.ok for r in rounds)
@@ -122,11 +126,11 @@ async def create_database(leader: Node) -> None:
 
 
 async def run_rounds(
-    options: Options, cluster: Cluster, proxies: Proxies, service: Service, binaries: Binaries, run_as: RunAs
+    options: Options, cluster: Cluster, proxies: Proxies, service: Service, restart: Callable[[Node], None]
 ) -> list[RoundFigures]:
     records = Records()
     run_id = f"drill{secrets.token_hex(3)}"
-    striker = Striker(cluster, proxies, restart=lambda node: node.start(binaries.patroni, binaries.pg_bin, run_as))
+    striker = Striker(cluster, proxies, restart)
     rounds: list[RoundFigures] = []
     for number, strike in enumerate(STRIKES, start=1):
         primary, _ = await cluster.wait_healthy()
@@ -179,9 +183,14 @@ async def one_round(
     figures.unexpected = records.unexpected[unexpected:]
     figures.journal = await check_journal(new.url(DATABASE), records, run_id)
     figures.reconciled = await reconcile(new.url(DATABASE), str(BASE / "reconcile.log"))
+    log = primary.directory / "patroni.log"
+    logged = log.stat().st_size
     healing = time.monotonic()
     await striker.heal(strike, primary)
     leader, _ = await striker.cluster.wait_healthy(within=180)
     figures.rejoined = time.monotonic() - healing
+    with log.open("rb") as lines:
+        lines.seek(logged)
+        figures.rewound = b"pg_rewind exit code=0" in lines.read()
     replicas = [node for node in striker.cluster.nodes if node is not leader]
     figures.agree, (figures.entries, _digest) = await nodes_agree(leader, replicas, DATABASE)
