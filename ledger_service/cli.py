@@ -251,6 +251,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         runs=args.runs,
         workers=args.workers,
         coalesce_groups=args.coalesce_groups,
+        pool_size=args.pool_size,
         read_postings=args.read_postings,
         scenarios=scenarios,
         profile=args.profile,
@@ -397,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=1, help="service worker processes")
     bench.add_argument(
         "--coalesce-groups", type=int, help="LEDGER_COALESCE_GROUPS of the service (0: no coalescing; default: its own)"
+    )
+    bench.add_argument(
+        "--pool-size", type=int, help="LEDGER_POOL_SIZE of the service (each worker's two pools; default: its own)"
     )
     bench.add_argument("--read-postings", type=int, default=1_000_000, help="postings of the large account")
     bench.add_argument("--scenarios", help="comma-separated subset to run (default: every scenario)")
