@@ -53,7 +53,9 @@ def _run_with_engine(
     from ledger_service.db.engine import create_engine
 
     async def main() -> T:
-        engine = create_engine(url, pool_size=2, command_timeout=command_timeout)
+        engine = create_engine(
+            url, pool_size=2, command_timeout=command_timeout, statement_cache=settings.statement_cache
+        )
         try:
             return await job(engine)
         finally:
@@ -82,6 +84,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
     with database_url(settings.database_url, settings.data_dir) as url:
         if settings.auto_migrate:
             migrate(url)
+        if not settings.allow_async_replication:  # refused here as one line; each worker checks again (and warns)
+            _refuse_asynchronous_cluster(url, settings)
         # Workers (and the app factory in this process) read the URL from the environment.
         os.environ["LEDGER_DATABASE_URL"] = url
         metrics_dir = _shared_metrics_dir(settings.workers)
@@ -110,6 +114,14 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+def _refuse_asynchronous_cluster(url: str, settings: Settings) -> None:
+    """A cluster whose commits are not synchronous: AsynchronousReplication, a SettingsError (services/replicas.py)."""
+    from ledger_service.services.replicas import check_replication
+
+    checked = replace(settings, database_url=url)
+    _run_with_engine(url, settings, lambda engine: check_replication(engine, checked))
+
+
 def _shared_metrics_dir(workers: int) -> str | None:
     """With several workers, each keeps its own metrics; prometheus-client's multiprocess mode adds them up, in a
     directory of files every worker writes to. One worker needs none of this."""
@@ -121,6 +133,12 @@ def _shared_metrics_dir(workers: int) -> str | None:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.pgbouncer == "transaction":
+        raise SettingsError(
+            "migrations hold a session's advisory lock, which pgbouncer's transaction pooling breaks: run"
+            " `ledger-service migrate` with LEDGER_DATABASE_URL pointing at PostgreSQL itself and LEDGER_PGBOUNCER"
+            " unset"
+        )
     with database_url(settings.database_url, settings.data_dir) as url:
         migrate(url)
     print("migrations applied")
@@ -321,6 +339,58 @@ def cmd_compare_relay(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_external_upload(args: argparse.Namespace, settings: Settings) -> int:
+    """Store a provider's usage or cost export with its records (docs/external.md). Exit 0 with a one-line summary
+    (also when the same bytes were uploaded before), 2 with one line on stderr when the file cannot be read or is
+    malformed; nothing is stored then."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ledger_service.commands.external import UploadFailed, read_file, render, run_upload
+    from ledger_service.domain.external import Source
+
+    def fail(message: str) -> int:
+        print(f"ledger-service external upload: {' '.join(message.split())}", file=sys.stderr)
+        return 2
+
+    if args.channel is not None and not 1 <= args.channel <= 2**63 - 1:
+        return fail(f"--channel must be a ledger channel id (a positive integer), got {args.channel}")
+    try:
+        content = read_file(args.file)
+        with database_url(settings.database_url, settings.data_dir) as url:  # migrated: `serve` or `migrate`
+            outcome = _run_with_engine(
+                url,
+                settings,
+                lambda engine: run_upload(
+                    engine, content, source=Source(args.source), filename=args.file.name[-200:], channel_id=args.channel
+                ),
+            )
+    except UploadFailed as error:
+        return fail(str(error))
+    except SQLAlchemyError as error:
+        reason = " ".join(str(getattr(error, "orig", None) or error).split("[SQL:")[0].split())
+        return fail(f"cannot write to the ledger database: {reason}")
+    except OSError as error:
+        return fail(f"cannot reach the ledger database: {error}")
+    print(render(outcome))
+    return 0
+
+
+def _add_external(commands: Any) -> None:
+    from ledger_service.domain.external import Source
+
+    external = commands.add_parser("external", help="provider records for external reconciliation (docs/external.md)")
+    actions = external.add_subparsers(dest="action", required=True, parser_class=_OneLineErrors)
+    upload = actions.add_parser(
+        "upload", help="store a provider's usage or cost export and its records (the same file again: no change)"
+    )
+    upload.add_argument("file", type=Path, help="the provider's file: JSON, JSON Lines or CSV")
+    upload.add_argument("--source", required=True, choices=[source.value for source in Source], help="its shape")
+    upload.add_argument(
+        "--channel", type=int, help="the ledger channel of records whose api key or project the channel map lacks"
+    )
+    upload.set_defaults(handler=cmd_external_upload)
+
+
 def _instant(text: str, name: str) -> datetime:
     """An ISO 8601 instant; one without an offset is taken as UTC."""
     try:
@@ -411,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(handler=cmd_bench)
     _add_compare_relay(commands)
+    _add_external(commands)
     from ledger_service.drill.options import add_arguments as add_drill_arguments
 
     drill = commands.add_parser(

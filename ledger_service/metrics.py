@@ -49,3 +49,15 @@ LIFECYCLE_GROUP_SIZE = Histogram(
 STALE_PLANS = Counter(
     "ledger_stale_plans_total", "Plans whose premises no longer held when applied, planned again under locks"
 )
+REPLICATION_SYNCHRONOUS = Gauge(
+    "ledger_replication_synchronous",
+    "1: every acknowledged write is on a synchronous standby too, or there is no replica at all; 0: the database is"
+    " a cluster replicating asynchronously (started with LEDGER_ALLOW_ASYNC_REPLICATION=true)",
+    multiprocess_mode="livemin",
+)
+REPLICA_FALLBACKS = Counter(
+    "ledger_replica_fallbacks_total",
+    "Audit reads meant for LEDGER_READ_DATABASE_URL served by the primary instead: the replica had not replayed"
+    " the asked min_position in time (behind), or could not be reached (unavailable)",
+    ["reason"],
+)

@@ -140,6 +140,36 @@ class GroupRatioCommand(Command):
         check_ratio(self.group_ratio, "group_ratio")
 
 
+# External reconciliation: the channel map and provider prices ------------------------------------------------
+
+
+class ChannelMapCommand(Command):
+    channel_id: Id
+    """The ledger channel the provider's api key or project is."""
+
+
+class ProviderPriceCommand(Command):
+    number_strings: ClassVar[tuple[str, ...]] = (
+        "input_usd_per_mtok",
+        "output_usd_per_mtok",
+        "cached_input_usd_per_mtok",
+        "request_usd",
+    )
+    input_usd_per_mtok: Ratio
+    """USD per million input tokens (uncached)."""
+    output_usd_per_mtok: Ratio
+    cached_input_usd_per_mtok: Ratio | None = None
+    """USD per million cached input tokens; null: cached tokens cost what input tokens cost."""
+    request_usd: Ratio = Decimal(0)
+    """USD per request, on top of the tokens."""
+
+    def __post_init__(self) -> None:
+        for name in self.number_strings:
+            value = getattr(self, name)
+            if value is not None:
+                check_ratio(value, name)
+
+
 class BatchOperation(Command):
     openapi_rules: ClassVar[dict[str, Any]] = {
         "allOf": [
@@ -278,6 +308,91 @@ class PricingView(View):
     defaults: PricingDefaultsView
 
 
+class UploadCreatedView(View):
+    upload_id: int
+    records: int
+    source: str
+    sha256: str
+    """Hex SHA-256 of the file's bytes: the same bytes are one upload."""
+
+
+class UploadView(View):
+    id: int
+    source: str
+    sha256: str
+    filename: str | None
+    channel_id: int | None
+    """The channel of records that name none and whose api key or project the channel map does not know."""
+    records: int
+    uploaded_by: int | None
+    """The id of the admin key that uploaded the file."""
+    uploaded_at: datetime
+
+
+class UploadListView(View):
+    items: list[UploadView]
+    next_cursor: str | None
+
+
+class ExternalRecordView(View):
+    line: int
+    bucket_start: datetime
+    bucket_end: datetime
+    api_key_id: str | None
+    project_id: str | None
+    channel_id: int | None
+    """The ledger channel the record belongs to now: its own (a CSV's `channel`), else the channel map's entry for
+    its api key, then for its project, else the upload's channel_id."""
+    model: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    cached_tokens: int | None
+    cache_creation_tokens: int | None
+    requests: int | None
+    cost_usd: str | None
+    """USD as a decimal string, every digit the file had (no exponent)."""
+    currency: str | None
+    line_item: str | None
+    raw: msgspec.Raw
+    """The record as the file had it, a JSON object (numbers as JSON numbers, digit for digit)."""
+
+
+class UploadDetailView(UploadView):
+    items: list[ExternalRecordView]
+    """The upload's records in file order, a page at a time."""
+    next_cursor: str | None
+
+
+class ChannelMapEntryView(View):
+    source: str
+    external_key: str
+    channel_id: int
+    updated_at: datetime
+
+
+class ChannelMapView(View):
+    items: list[ChannelMapEntryView]
+    next_cursor: str | None = None
+    """Every entry fits on one page: always null."""
+
+
+class ProviderPriceView(View):
+    """USD as decimal strings, exactly as set (no exponent)."""
+
+    model: str
+    input_usd_per_mtok: str
+    output_usd_per_mtok: str
+    cached_input_usd_per_mtok: str | None
+    request_usd: str
+    updated_at: datetime
+
+
+class ProviderPriceListView(View):
+    items: list[ProviderPriceView]
+    next_cursor: str | None = None
+    """Every price fits on one page: always null."""
+
+
 class ApiKeyView(View):
     id: int
     name: str
@@ -384,3 +499,138 @@ class ProblemView(View):
     status: int
     detail: str
     code: str
+
+
+# External reconciliation -------------------------------------------------------------------------------------
+
+
+class ToleranceBody(Command):
+    """How far ledger and provider may differ and still match (docs/external.md); absent fields are 0 (exact)."""
+
+    tokens_pct: Decimal | None = None
+    """Percent of the provider's token count."""
+    requests: Count | None = None
+    """Requests, absolute."""
+    cost_pct: Decimal | None = None
+    """Percent of the provider's cost."""
+    cost_usd: Decimal | None = None
+    """USD, absolute (a cost matches when within either cost tolerance)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tokens_pct", "cost_pct", "cost_usd"):
+            value = getattr(self, name)
+            if value is not None and (not value.is_finite() or value < 0 or value > 10**9):
+                raise ValueError(f"{name} must be a number between 0 and 10^9")
+            if value is not None and value != 0 and int(value.as_tuple().exponent) < -18:
+                raise ValueError(f"{name} has more than 18 decimal places")
+
+
+class ReconciliationCommand(Command):
+    upload_id: Id | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    strategy: Literal["many_to_one", "one_to_one"] = "many_to_one"
+    tolerance: ToleranceBody = msgspec.field(default_factory=ToleranceBody)
+
+    def __post_init__(self) -> None:
+        window = self.since is not None or self.until is not None
+        if self.upload_id is not None and window:
+            raise ValueError("give upload_id, or since and until, not both")
+        if self.upload_id is None and (self.since is None or self.until is None):
+            raise ValueError("give upload_id, or both since and until")
+        for instant in (self.since, self.until):
+            if instant is not None and instant.utcoffset() is None:
+                raise ValueError("since and until need a time zone offset (RFC 3339)")
+            if instant is not None and not 1 < instant.year < 9999:
+                raise ValueError("since and until must lie within the years 2-9998")
+        if self.since is not None and self.until is not None and self.since >= self.until:
+            raise ValueError("since must be before until")
+
+
+class ExplainCommand(Command):
+    note: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=2000,
+            pattern=r"\A[^\x00]*\Z",
+            description="Why the item differs (1-2000 characters, no NUL).",
+        ),
+    ]
+
+    def __post_init__(self) -> None:
+        if not self.note.strip():
+            raise ValueError("note must not be blank")
+
+
+class ExplanationView(View):
+    note: str
+    author: str
+    """The API key's name."""
+    author_key_id: int | None
+    created_at: datetime
+
+
+class RunItemView(View):
+    id: int
+    klass: str = msgspec.field(name="class")
+    channel_id: int | None
+    model: str | None
+    bucket_start: datetime
+    bucket_end: datetime
+    ledger: dict[str, Any] | None
+    provider: dict[str, Any] | None
+    difference: dict[str, Any] | None
+    explanations: list[ExplanationView]
+
+
+class RunSummaryView(View):
+    id: int
+    status: str
+    params: dict[str, Any]
+    matched: int
+    differs: int
+    only_provider: int
+    only_ledger: int
+    error: str | None
+    created_at: datetime
+    completed_at: datetime | None
+
+
+class RunView(RunSummaryView):
+    items: list[RunItemView]
+    next_cursor: str | None
+    """Where the next page of items starts (`?cursor=`), null after the last."""
+    drift: list[dict[str, Any]]
+
+
+class RunPageView(View):
+    items: list[RunSummaryView]
+    next_cursor: str | None
+
+
+class MarginRowView(View):
+    channel_id: int | None
+    model: str | None
+    charged_quota: int
+    charged_usd: str
+    provider_cost_usd: str | None
+    cost_estimated: bool
+    margin_usd: str | None
+
+
+class MarginTotalsView(View):
+    charged_quota: int
+    charged_usd: str
+    provider_cost_usd: str
+    """The sum of the rows' known costs."""
+    margin_usd: str
+    """charged_usd minus provider_cost_usd, over the rows whose cost is known."""
+    rows_without_cost: int
+
+
+class MarginView(View):
+    month: str
+    quota_per_usd: int
+    rows: list[MarginRowView]
+    totals: MarginTotalsView

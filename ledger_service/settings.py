@@ -87,7 +87,26 @@ class Settings:
     """Everything the service can be configured with. Field docs name the environment variable."""
 
     database_url: str | None = None
-    """LEDGER_DATABASE_URL: `postgresql://user:pass@host:port/db`. Unset: start the embedded PostgreSQL."""
+    """LEDGER_DATABASE_URL: `postgresql://user:pass@host:port/db`. Unset: start the embedded PostgreSQL. A cluster's
+    members may all be named (`postgresql://user@h1:5432,h2:5432,h3:5432/db`): writes go to whichever is the
+    primary (`target_session_attrs=read-write`, added when the URL names several hosts and sets none)."""
+
+    read_database_url: str | None = None
+    """LEDGER_READ_DATABASE_URL: optional, a streaming replica of that database. The audit reads (entry feed,
+    statements, account balances, reports, reconciliation) go there; relay-facing reads and every write stay on the
+    primary. A reader that must see its own write passes the write's `Ledger-Position` as `min_position`
+    (docs/operations.md, Reading from a replica)."""
+
+    allow_async_replication: bool = False
+    """LEDGER_ALLOW_ASYNC_REPLICATION: start even when the database is a cluster whose commits are not synchronous
+    (an acknowledged write could then be lost with the primary); logged as an error and exported as
+    `ledger_replication_synchronous 0`. Default false: such a cluster is refused at start."""
+
+    pgbouncer: str = "off"
+    """LEDGER_PGBOUNCER: `off` (default: the URL reaches PostgreSQL itself), `session` (through pgbouncer's session
+    pooling: no startup parameter pgbouncer would refuse) or `transaction` (through its transaction pooling: also no
+    prepared statement kept between transactions). Migrations take a session's lock: with `transaction`, run
+    `ledger-service migrate` against PostgreSQL itself, and serve with LEDGER_AUTO_MIGRATE=false."""
 
     data_dir: Path = field(default_factory=lambda: Path(".ledger-data"))
     """LEDGER_DATA_DIR: where the embedded PostgreSQL keeps its files (default `./.ledger-data`)."""
@@ -175,13 +194,21 @@ class Settings:
     console_session_seconds: int = 3600
     """LEDGER_CONSOLE_SESSION_SECONDS: how long a web console sign-in lasts (default an hour)."""
 
+    @property
+    def statement_cache(self) -> bool:
+        """Whether connections may keep prepared statements (not behind pgbouncer's transaction pooling)."""
+        return self.pgbouncer != "transaction"
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read every LEDGER_* variable; raise SettingsError naming the first bad one."""
         env = os.environ if env is None else env
         data_dir = _str(env, "LEDGER_DATA_DIR")
-        return cls(
+        settings = cls(
             database_url=_str(env, "LEDGER_DATABASE_URL"),
+            read_database_url=_str(env, "LEDGER_READ_DATABASE_URL"),
+            allow_async_replication=_bool(env, "LEDGER_ALLOW_ASYNC_REPLICATION", False),
+            pgbouncer=_choice(env, "LEDGER_PGBOUNCER", "off", ("off", "session", "transaction")),
             data_dir=Path(data_dir) if data_dir else Path(".ledger-data"),
             host=_str(env, "LEDGER_HOST") or "127.0.0.1",
             port=_int(env, "LEDGER_PORT", 8080, minimum=0, maximum=65535),
@@ -209,3 +236,11 @@ class Settings:
             max_upload_bytes=_int(env, "LEDGER_MAX_UPLOAD_BYTES", 64 * 1_048_576, minimum=1024, maximum=1 << 32),
             console_session_seconds=_int(env, "LEDGER_CONSOLE_SESSION_SECONDS", 3600, minimum=60, maximum=7 * 86400),
         )
+        if settings.pgbouncer == "transaction" and settings.auto_migrate:
+            raise SettingsError(
+                "LEDGER_PGBOUNCER=transaction needs LEDGER_AUTO_MIGRATE=false: migrations hold a session's advisory"
+                " lock, which transaction pooling breaks; run `ledger-service migrate` against PostgreSQL itself"
+            )
+        if settings.pgbouncer == "transaction" and settings.database_url is None:
+            raise SettingsError("LEDGER_PGBOUNCER=transaction needs LEDGER_DATABASE_URL (pgbouncer's address)")
+        return settings

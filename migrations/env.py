@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 from alembic import context
 from sqlalchemy import Connection, pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from ledger_service.db.engine import async_url
+from ledger_service.db.engine import async_url, asyncpg_dsn
 from ledger_service.settings import Settings
 
 MIGRATION_LOCK = 0x4C45444745520000
@@ -43,7 +44,12 @@ def do_run_migrations(connection: Connection) -> None:
 
 
 async def run_migrations_online() -> None:
-    engine = create_async_engine(async_url(database_url()), poolclass=pool.NullPool)
+    # Opened by asyncpg on the service's DSN (db/engine.py): a cluster's URL reaches its primary. The advisory lock
+    # is the session's, so this must reach PostgreSQL itself, not pgbouncer's transaction pooling.
+    dsn = asyncpg_dsn(database_url())
+    engine = create_async_engine(
+        "postgresql+asyncpg://", async_creator=lambda: asyncpg.connect(dsn), poolclass=pool.NullPool
+    )
     try:
         async with engine.connect() as connection:
             await connection.run_sync(do_run_migrations)

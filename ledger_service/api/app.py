@@ -14,18 +14,22 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusController
 from litestar.routes import HTTPRoute
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger_service.api.bodies import CommandSchemas, StrictBodies
 from ledger_service.api.controllers.accounts import AccountController
 from ledger_service.api.controllers.api_keys import ApiKeyController
 from ledger_service.api.controllers.batch import BatchController
 from ledger_service.api.controllers.entries import EntryController
+from ledger_service.api.controllers.external import ExternalController, upload_router
+from ledger_service.api.controllers.external_reconciliation import ExternalReconciliationController, MarginController
 from ledger_service.api.controllers.funding import FundingController
 from ledger_service.api.controllers.health import HealthController
 from ledger_service.api.controllers.pricing import PricingController
 from ledger_service.api.controllers.reports import AccountsController, ReportsController
 from ledger_service.api.controllers.requests import ConsumptionController, HoldController
 from ledger_service.api.middleware import access_log_middleware, admit_request, unrouted_middleware
+from ledger_service.api.positions import add_position
 from ledger_service.api.problems import handle_exception
 from ledger_service.api.ratelimit import RateLimiter
 from ledger_service.db.engine import create_engine
@@ -34,10 +38,14 @@ from ledger_service.observability import configure_logging
 from ledger_service.services.api_keys import ApiKeyService
 from ledger_service.services.audit import HEAVY_REPORT_STATEMENT_SECONDS, AuditService, HeavyReads
 from ledger_service.services.batch import BatchService
+from ledger_service.services.external import ExternalService
+from ledger_service.services.external_reconciliation import ExternalReconciliationService
 from ledger_service.services.housekeeping import Housekeeping
 from ledger_service.services.ledger import LedgerService
 from ledger_service.services.lifecycle import LifecycleService
+from ledger_service.services.margin import MarginService
 from ledger_service.services.pricing import PricingService
+from ledger_service.services.replicas import Positions, check_replication
 from ledger_service.settings import Settings, SettingsError
 
 
@@ -56,6 +64,9 @@ DEPENDENCIES = {
     "keys": _provide("api_keys"),
     "audit": _provide("audit"),
     "batches": _provide("batches"),
+    "reconciliations": _provide("external_reconciliations"),
+    "margins": _provide("margins"),
+    "external": _provide("external"),
 }
 """Handler parameter -> the service it receives."""
 
@@ -93,6 +104,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ApiKeyController,
             AccountsController,
             ReportsController,
+            ExternalReconciliationController,
+            MarginController,
+            ExternalController,
+            upload_router(settings.max_upload_bytes),  # its own body limit: LEDGER_MAX_UPLOAD_BYTES
         ],
     )
     app = Litestar(
@@ -105,6 +120,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         request_max_body_size=settings.max_body_bytes,
         logging_config=None,
         lifespan=[_lifespan(settings)],
+        before_send=[add_position],
         dependencies=DEPENDENCIES,
         exception_handlers={Exception: handle_exception},
         openapi_config=OPENAPI,
@@ -139,31 +155,69 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
             raise SettingsError(
                 "LEDGER_DATABASE_URL is not set (`ledger-service serve` sets it for the embedded server)"
             )
-        engine = create_engine(settings.database_url, pool_size=settings.pool_size)
+        cache = settings.statement_cache
+        engine = create_engine(settings.database_url, pool_size=settings.pool_size, statement_cache=cache)
+        engines = [engine]
         seen = SeenBalances()
-        lifecycle_pool = await create_pool(settings.database_url, size=settings.pool_size, on_connect=seen.forget)
+        try:
+            await check_replication(engine, settings)
+            lifecycle_pool = await create_pool(
+                settings.database_url,
+                size=settings.pool_size,
+                on_connect=seen.forget,
+                statement_cache=cache,
+                startup_isolation=settings.pgbouncer == "off",
+            )
+        except BaseException:
+            await engine.dispose()
+            raise
         lifecycle = LifecycleService(lifecycle_pool, settings, seen)
+
         # The whole-journal reports get connections of their own: they never take the shared pool's (services/audit.py).
-        reports_engine = create_engine(
-            settings.database_url,
-            pool_size=settings.heavy_reports,
-            application_name="ledger-service-reports",
-            command_timeout=HEAVY_REPORT_STATEMENT_SECONDS,
-        )
-        heavy = HeavyReads(reports_engine, settings.heavy_reports)
+        def reports_engine_of(url: str, *, reads_only: bool = False) -> AsyncEngine:
+            return create_engine(
+                url,
+                pool_size=settings.heavy_reports,
+                application_name="ledger-service-reports",
+                command_timeout=HEAVY_REPORT_STATEMENT_SECONDS,
+                statement_cache=cache,
+                reads_only=reads_only,
+            )
+
+        reports_engine = reports_engine_of(settings.database_url)
+        engines.append(reports_engine)
+        replica = replica_reports = None
+        if settings.read_database_url is not None:  # the audit reads' own server (services/replicas.py)
+            replica = create_engine(
+                settings.read_database_url,
+                pool_size=settings.pool_size,
+                application_name="ledger-service-audit",
+                statement_cache=cache,
+                reads_only=True,
+            )
+            replica_reports = reports_engine_of(settings.read_database_url, reads_only=True)
+            engines += [replica, replica_reports]
+        heavy = HeavyReads(reports_engine, settings.heavy_reports, replica=replica_reports)
         audit = AuditService(
             engine,
             sweep_interval_seconds=settings.sweep_interval_seconds,
             snapshot_interval_seconds=settings.snapshot_interval_seconds,
             heavy=heavy,
+            replica=replica,
         )
+        # Positions matter only to reads a replica serves; without one, writes skip the extra round trip.
+        positions = Positions(lifecycle_pool) if replica is not None else None
         state = app.state
         state.engine = engine
+        state.positions = positions
         state.ledger = LedgerService(engine, settings, lifecycle)
         state.batches = BatchService(lifecycle)
         state.pricing = PricingService(engine)
         state.api_keys = ApiKeyService(engine)
         state.audit = audit
+        state.external_reconciliations = ExternalReconciliationService(engine, settings)
+        state.margins = MarginService(engine, settings)
+        state.external = ExternalService(engine)
         state.rate_limiter = (
             RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
             if settings.rate_limit_per_second > 0
@@ -178,9 +232,11 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
             yield
         finally:
             await housekeeping.stop()
+            if positions is not None:
+                await positions.close()
             await lifecycle_pool.close()
-            await engine.dispose()
-            await reports_engine.dispose()
+            for each in engines:
+                await each.dispose()
 
     return lifespan
 

@@ -10,9 +10,10 @@ which the caller fixes per column; the cell's content never decides.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from decimal import Decimal
 
-Cell = str | int | None
-"""Text, a number, or empty."""
+Cell = str | int | Decimal | None
+"""Text, a number (an exact decimal for USD amounts), or empty."""
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 NEEDS_QUOTES = (",", '"', "\n", "\r")
@@ -32,6 +33,8 @@ def text_cell(text: str) -> str:
 def _cell(value: Cell) -> str:
     if value is None:
         return ""
+    if isinstance(value, Decimal):  # a number, written in positional notation (never 1E-7)
+        return format(value, "f")
     if isinstance(value, bool) or not isinstance(value, int):  # a bool is an int to Python, not a number here
         return text_cell(str(value))
     return str(value)

@@ -166,6 +166,8 @@ async def check_request(request: Request[Any, Any, Any]) -> None:
     chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
     if not chunked and (length is None or length.strip() == "0"):
         return
+    if request.route_handler.opt.get("any_body"):  # a provider file upload: multipart, JSON or CSV as it came
+        return
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json")):
         return

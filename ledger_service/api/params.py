@@ -48,6 +48,8 @@ ADDRESS_OPENAPI_PATTERN = (
     rf"^(?:system:(?:issuance|allowance)|(?:user|token|channel):{_ID_OPENAPI}|hold:[A-Za-z0-9._:-]{{1,128}})$"
 )
 CURSOR_OPENAPI_PATTERN = r"^[A-Za-z0-9_-]+$"
+POSITION_OPENAPI_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"
+_POSITION = re.compile(r"\A[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}\Z")
 
 
 def _schema(**fields: Any) -> dict[str, Any]:
@@ -120,6 +122,16 @@ PathName = Annotated[
 ]
 PathAddress = Annotated[str, Parameter(schema_extra=ADDRESS_SCHEMA)]
 QueryCursor = Annotated[str | None, Parameter(required=False, schema_extra=CURSOR_SCHEMA)]
+POSITION_SCHEMA = _schema(
+    type=OpenAPIType.STRING,
+    pattern=POSITION_OPENAPI_PATTERN,
+    max_length=17,
+    description="A `Ledger-Position` a write answered with: the answer shows that write (and everything before"
+    " it). With LEDGER_READ_DATABASE_URL, the replica serves it once it has replayed that far, the primary"
+    " otherwise.",
+)
+QueryPosition = Annotated[str | None, Parameter(required=False, schema_extra=POSITION_SCHEMA)]
+"""`min_position` of the audit reads (services/replicas.py)."""
 QueryLimit = Annotated[str | None, Parameter(required=False, schema_extra=limit_schema())]
 
 
@@ -195,6 +207,14 @@ def parse_choice(raw: str | None, name: str, choices: Collection[str], *, defaul
         return default
     if raw is None or raw not in choices:
         raise errors.ValidationFailed(f"{name} must be one of {', '.join(sorted(choices))}")
+    return raw
+
+
+def parse_position(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    if not _POSITION.match(raw):
+        raise errors.ValidationFailed("min_position must be a Ledger-Position header's value, such as 0/1A2B3C4")
     return raw
 
 

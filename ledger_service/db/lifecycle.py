@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import asyncpg
 import msgspec
 
-from ledger_service.db.engine import asyncpg_dsn
+from ledger_service.db.engine import asyncpg_dsn, connect_options
 from ledger_service.db.pricing import prices_of
 from ledger_service.domain.accounts import SubLedger
 from ledger_service.domain.entries import EntryKind, Posting
@@ -33,11 +33,22 @@ if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
 
 
 async def create_pool(
-    url: str, *, size: int, application_name: str = "ledger-service", on_connect: Callable[[], None] | None = None
+    url: str,
+    *,
+    size: int,
+    application_name: str = "ledger-service",
+    on_connect: Callable[[], None] | None = None,
+    statement_cache: bool = True,
+    startup_isolation: bool = True,
 ) -> Pool:
     """A pool for the lifecycle statements. READ COMMITTED is pinned per session, whatever the server defaults
     to: a plan's premises are checked by statements that must each see the latest commits (docs/accounting.md).
-    `on_connect` runs for every new connection, including the ones that replace connections the server closed."""
+    `on_connect` runs for every new connection, including the ones that replace connections the server closed.
+
+    The URL may name several hosts (db/engine.py): each connection goes to the primary. Without `statement_cache`
+    (pgbouncer's transaction pooling) no prepared statement is kept between transactions. Without
+    `startup_isolation` (behind pgbouncer, which refuses unknown startup parameters) the isolation is not pinned:
+    the server's default, READ COMMITTED unless changed, is then the one."""
 
     async def opened(connection: Connection) -> None:
         if on_connect is not None:
@@ -50,18 +61,11 @@ async def create_pool(
         if connection.is_in_transaction():
             await connection.execute("ROLLBACK")
 
+    options = connect_options(application_name=application_name, command_timeout=60, statement_cache=statement_cache)
+    if startup_isolation:
+        options["server_settings"]["default_transaction_isolation"] = "read committed"
     pool: Pool = await asyncpg.create_pool(
-        asyncpg_dsn(url),
-        min_size=1,
-        max_size=size,
-        reset=keep,
-        init=opened,
-        timeout=5,
-        command_timeout=60,
-        server_settings={
-            "application_name": application_name,
-            "default_transaction_isolation": "read committed",
-        },
+        asyncpg_dsn(url), min_size=1, max_size=size, reset=keep, init=opened, **options
     )
     return pool
 

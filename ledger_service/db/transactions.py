@@ -16,6 +16,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from asyncpg.exceptions import TargetServerAttributeNotMatched
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 SERIALIZATION_FAILURE = "40001"
 DEADLOCK_DETECTED = "40P01"
 UNIQUE_VIOLATION = "23505"
+READ_ONLY_SQL_TRANSACTION = "25006"
+"""A write refused because the server is (now) read-only: it was the primary and has been demoted, or made
+read-only by its operator. The connection is as useless as a lost one (docs/operations.md, High availability)."""
 RETRYABLE_SQLSTATES = frozenset({SERIALIZATION_FAILURE, DEADLOCK_DETECTED})
 
 IDEMPOTENCY_CONSTRAINTS = frozenset({"requests_pkey", "entries_reference_key", "entries_reverses_key"})
@@ -48,6 +52,10 @@ class RetryTransaction(Exception):
     """Raised inside a unit of work to run it again from the start (e.g. lost an idempotency-key race)."""
 
 
+NoPrimary = TargetServerAttributeNotMatched
+"""asyncpg's error when none of a URL's hosts is what target_session_attrs asks (no primary: during a failover)."""
+
+
 def sqlstate_of(error: BaseException) -> str | None:
     orig = getattr(error, "orig", None)
     state = getattr(orig, "sqlstate", None) or getattr(error, "sqlstate", None)
@@ -66,13 +74,16 @@ def constraint_of(error: BaseException) -> str | None:
 
 
 def is_connection_sqlstate(state: object) -> bool:
-    """SQLSTATEs that mean the connection, not the statement, failed: class 08, shutdowns, too many connections."""
-    return isinstance(state, str) and (state.startswith("08") or state in {"57P01", "57P02", "57P03", "53300"})
+    """SQLSTATEs that mean the connection, not the statement, failed: class 08, shutdowns, too many connections, and
+    a write refused by a server that is no longer the primary (25006)."""
+    return isinstance(state, str) and (
+        state.startswith("08") or state in {"57P01", "57P02", "57P03", "53300", READ_ONLY_SQL_TRANSACTION}
+    )
 
 
 def is_connection_error(error: BaseException) -> bool:
     """True for failures of the connection itself rather than of the statement."""
-    if isinstance(error, OSError | ConnectionError | PoolTimeoutError | InterfaceError):
+    if isinstance(error, OSError | ConnectionError | PoolTimeoutError | InterfaceError | NoPrimary):
         return True
     if isinstance(error, DBAPIError):
         if error.connection_invalidated:
@@ -83,7 +94,7 @@ def is_connection_error(error: BaseException) -> bool:
         if state is None and isinstance(error, OperationalError | InterfaceError):
             return True
         cause = getattr(error.orig, "__cause__", None)
-        return isinstance(cause, OSError | ConnectionError)
+        return isinstance(cause, OSError | ConnectionError | NoPrimary)
     return False
 
 
@@ -120,6 +131,8 @@ def sqlstate_verdict(state: str | None) -> Verdict:
     """The verdict on a database error by its SQLSTATE alone."""
     if state in RETRYABLE_SQLSTATES:
         return Verdict.RETRY_LATER
+    if state == READ_ONLY_SQL_TRANSACTION:  # once more, on a new connection: to the new primary, if there is one
+        return Verdict.RECONNECT
     if is_connection_sqlstate(state):
         return Verdict.UNAVAILABLE
     return Verdict.RAISE
@@ -153,7 +166,7 @@ def _judge(error: Exception) -> Verdict:
         if is_connection_error(error):
             return Verdict.RECONNECT if error.connection_invalidated else Verdict.UNAVAILABLE
         return sqlstate_verdict(sqlstate_of(error))
-    if isinstance(error, OSError | ConnectionError | PoolTimeoutError):
+    if isinstance(error, OSError | ConnectionError | PoolTimeoutError | NoPrimary):
         return Verdict.UNAVAILABLE
     return Verdict.RAISE
 
@@ -169,10 +182,12 @@ async def run_transaction(
     *,
     isolation_level: str = DEFAULT_ISOLATION,
     attempts: int = MAX_ATTEMPTS,
+    before: Callable[[AsyncConnection], Awaitable[None]] | None = None,
 ) -> T:
     """Run `work` in a transaction and commit it, retried whole as `with_retries` and `_judge` say.
 
-    Connection failures become DatabaseUnavailable. Any other error rolls back and propagates.
+    Connection failures become DatabaseUnavailable. Any other error rolls back and propagates. `before` runs on
+    the same connection first, in a transaction of its own (rolled back): what it waits for is in `work`'s snapshot.
     """
 
     async def attempt() -> T:
@@ -182,6 +197,9 @@ async def run_transaction(
             async with engine.connect() as conn:
                 if isolation_level != DEFAULT_ISOLATION:  # the engine's own level needs no statement
                     await conn.execution_options(isolation_level=isolation_level)
+                if before is not None:
+                    await before(conn)
+                    await conn.rollback()
                 async with conn.begin():
                     result = await work(conn)
         finally:

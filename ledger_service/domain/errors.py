@@ -76,6 +76,11 @@ class ApiKeyNotFound(NotFound):
     title = "No API key with this id"
 
 
+class UploadNotFound(NotFound):
+    code = "upload_not_found"
+    title = "No provider upload with this id"
+
+
 class Conflict(LedgerError):
     code = "conflict"
     status = 409
@@ -110,6 +115,11 @@ class AlreadyReversed(Conflict):
 class LastAdminKey(Conflict):
     code = "last_admin_key"
     title = "This is the last active admin key"
+
+
+class UploadConflict(Conflict):
+    code = "upload_conflict"
+    title = "These bytes were already uploaded under another source"
 
 
 class Unavailable(LedgerError):

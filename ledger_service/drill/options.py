@@ -15,7 +15,6 @@ class Options:
     """Seconds of load before the strike."""
     after: float = 5.0
     """Seconds of load on the new primary after its first write."""
-    single_host: bool = False
     ttl: int = 10
     loop_wait: int = 2
     retry_timeout: int = 4
@@ -26,7 +25,6 @@ class Options:
         return cls(
             clients=args.clients,
             users=args.users,
-            single_host=args.single_host,
             ttl=args.ttl,
             loop_wait=args.loop_wait,
             retry_timeout=args.retry_timeout,
@@ -40,9 +38,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loop-wait", type=int, default=2, help="Patroni's loop_wait (default 2)")
     parser.add_argument(
         "--retry-timeout", type=int, default=4, help="Patroni's retry_timeout (default 4; loop_wait + 2x it <= ttl)"
-    )
-    parser.add_argument(
-        "--single-host",
-        action="store_true",
-        help="point the service at the first primary only (for a service without multi-host URLs: round 1 only)",
     )

@@ -92,8 +92,7 @@ async def drill(options: Options) -> list[RoundFigures]:
         leader, sync = await cluster.wait_healthy(within=180)
         say(f"cluster up: {leader.name} primary, {sync.name} synchronous standby")
         await create_database(leader)
-        url = leader.url(DATABASE) if options.single_host else cluster.multi_host_url(DATABASE)
-        service = Service(url, ports[15], admin, base / "service")
+        service = Service(cluster.multi_host_url(DATABASE), ports[15], admin, base / "service")
         try:
             service.start()
             await service.ready()

@@ -32,6 +32,7 @@ from ledger_service.schemas import (
     UsageReportView,
     UsageRowView,
 )
+from ledger_service.services.replicas import read_routed
 
 T = TypeVar("T")
 
@@ -62,19 +63,21 @@ class HeavyReads:
     their own, `slots` at most per process, and one more is refused at once (429 `busy`) rather than queued.
     """
 
-    def __init__(self, engine: AsyncEngine, slots: int) -> None:
+    def __init__(self, engine: AsyncEngine, slots: int, replica: AsyncEngine | None = None) -> None:
         self.engine = engine
+        self.replica = replica
+        """With LEDGER_READ_DATABASE_URL: the slots' connections to the replica (`engine` is then the fallback)."""
         self._slots = asyncio.Semaphore(slots)
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[AsyncEngine]:
+    async def slot(self) -> AsyncIterator[HeavyReads]:
         if self._slots.locked():  # no waiting: a queue of 40 s reports would only time out at the client
             raise errors.Busy(
                 "as many heavy reports as this process runs at once are in progress; retry later",
                 headers={"Retry-After": BUSY_RETRY_AFTER_SECONDS},
             )
         async with self._slots:  # released however the report ends: done, failed or cancelled
-            yield self.engine
+            yield self
 
 
 class AuditService:
@@ -85,26 +88,37 @@ class AuditService:
         sweep_interval_seconds: float,
         snapshot_interval_seconds: float = 5,
         heavy: HeavyReads | None = None,
+        replica: AsyncEngine | None = None,
     ) -> None:
         self.engine = engine
+        self.replica = replica
+        """LEDGER_READ_DATABASE_URL's engine: the reads go there (services/replicas.py); `engine` stays the primary's,
+        for sealing and as the reads' fallback."""
         self.sweep_interval_seconds = sweep_interval_seconds
         self.snapshot_interval_seconds = snapshot_interval_seconds
         self.heavy = heavy
         """None (the command line): heavy reports run on `engine`, unbounded."""
 
-    async def _read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        return await run_transaction(self.engine, work, isolation_level="REPEATABLE READ")
+    async def _read(self, work: Callable[[AsyncConnection], Awaitable[T]], min_position: str | None) -> T:
+        """On the replica if there is one (showing at least `min_position`), else on the primary."""
+        return await read_routed(
+            self.replica, self.engine, work, min_position=min_position, isolation_level="REPEATABLE READ"
+        )
 
-    async def _heavy_read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    async def _heavy_read(self, work: Callable[[AsyncConnection], Awaitable[T]], min_position: str | None) -> T:
         """A read whose cost grows with the whole journal: in a heavy-report slot, off the shared pool."""
         if self.heavy is None:
-            return await self._read(work)
-        async with self.heavy.slot() as engine:
-            return await run_transaction(engine, work, isolation_level="REPEATABLE READ")
+            return await self._read(work, min_position)
+        async with self.heavy.slot() as heavy:
+            return await read_routed(
+                heavy.replica, heavy.engine, work, min_position=min_position, isolation_level="REPEATABLE READ"
+            )
 
     # The entry feed --------------------------------------------------------------------------------------------
 
-    async def entries(self, where: EntryFilter, *, cursor: str | None, limit: int) -> EntryPageView:
+    async def entries(
+        self, where: EntryFilter, *, cursor: str | None, limit: int, min_position: str | None = None
+    ) -> EntryPageView:
         after = _cursor(cursor)
 
         async def work(conn: AsyncConnection) -> EntryPageView:
@@ -114,11 +128,11 @@ class AuditService:
                 items=[view for _, view in page], next_cursor=None if position is None else position.encode()
             )
 
-        return await self._read(work)
+        return await self._read(work, min_position)
 
     # Accounts --------------------------------------------------------------------------------------------------
 
-    async def account(self, address: str, *, as_of: datetime | None) -> AccountView:
+    async def account(self, address: str, *, as_of: datetime | None, min_position: str | None = None) -> AccountView:
         ledgers = _ledgers(address)
 
         async def work(conn: AsyncConnection) -> AccountView:
@@ -129,9 +143,11 @@ class AuditService:
             balances = {str(ledger): await audit.balance_as_of(conn, address, ledger, as_of) for ledger in ledgers}
             return AccountView(address=address, balances=balances, as_of=as_of)
 
-        return await self._read(work)
+        return await self._read(work, min_position)
 
-    async def statement(self, address: str, *, cursor: str | None, limit: int) -> StatementPageView:
+    async def statement(
+        self, address: str, *, cursor: str | None, limit: int, min_position: str | None = None
+    ) -> StatementPageView:
         _ledgers(address)
         after = None if cursor is None else StatementPosition.decode(cursor)
 
@@ -153,11 +169,11 @@ class AuditService:
                 next_cursor=None if position is None else position.encode(),
             )
 
-        return await self._read(work)
+        return await self._read(work, min_position)
 
     # Reports ---------------------------------------------------------------------------------------------------
 
-    async def trial_balance(self, *, as_of: datetime | None) -> TrialBalanceView:
+    async def trial_balance(self, *, as_of: datetime | None, min_position: str | None = None) -> TrialBalanceView:
         async def work(conn: AsyncConnection) -> TrialBalanceView:
             moment = as_of or await _database_now(conn)
             totals = await audit.trial_balance(conn, as_of)
@@ -170,10 +186,16 @@ class AuditService:
             )
 
         # Now: the per-kind snapshots, a few rows. At a past instant: every posting up to it.
-        return await (self._read(work) if as_of is None else self._heavy_read(work))
+        return await (self._read if as_of is None else self._heavy_read)(work, min_position)
 
     async def usage(
-        self, *, group_by: str, bucket: str, created_from: datetime | None, created_to: datetime | None
+        self,
+        *,
+        group_by: str,
+        bucket: str,
+        created_from: datetime | None,
+        created_to: datetime | None,
+        min_position: str | None = None,
     ) -> UsageReportView:
         async def work(conn: AsyncConnection) -> UsageReportView:
             rows = await audit.usage_report(
@@ -193,9 +215,12 @@ class AuditService:
                 ]
             )
 
-        return await self._heavy_read(work)  # every charged entry in the range, by default the whole journal
+        # Every charged entry in the range, by default the whole journal.
+        return await self._heavy_read(work, min_position)
 
-    async def reconcile(self, progress: Progress | None = None) -> ReconciliationView:
+    async def reconcile(
+        self, progress: Progress | None = None, *, min_position: str | None = None
+    ) -> ReconciliationView:
         """Recompute the books from the journal and compare with everything derived from it."""
         say = progress or (lambda _: None)
         grace = 2 * self.sweep_interval_seconds
@@ -268,7 +293,7 @@ class AuditService:
             )
             return ReconciliationView(ok=all(c.ok for c in checks), checked_at=checked_at, checks=checks)
 
-        return await self._heavy_read(work)
+        return await self._heavy_read(work, min_position)
 
     async def _hash_chain(self, conn: AsyncConnection, say: Progress) -> ReconciliationCheckView:
         """Recompute every entry's hash, then every block's, from the first block on."""

@@ -23,6 +23,7 @@ import msgspec
 from ledger_service import metrics
 from ledger_service.db import lifecycle as lifecycle_db
 from ledger_service.db.transactions import (
+    READ_ONLY_SQL_TRANSACTION,
     Verdict,
     is_connection_sqlstate,
     is_lost_key_race,
@@ -203,6 +204,11 @@ class LifecycleService:
             except BaseException as error:
                 if _connection_lost(error):
                     conn.terminate()
+                if getattr(error, "sqlstate", None) == READ_ONLY_SQL_TRANSACTION:
+                    # The server is no longer the primary, for the pool's other connections to it too: each is
+                    # closed when next acquired or released, and replaced by one to the primary
+                    # (target_session_attrs=read-write).
+                    await self.pool.expire_connections()
                 raise
 
     def _judge(self, error: Exception) -> Verdict:

@@ -18,12 +18,14 @@ from ledger_service.api.params import (
     QueryId,
     QueryKey,
     QueryLimit,
+    QueryPosition,
     choices_schema,
     parse_choice,
     parse_id,
     parse_key,
     parse_limit,
     parse_optional_id,
+    parse_position,
     parse_time,
 )
 from ledger_service.api.problems import PROBLEMS, replayed
@@ -34,7 +36,9 @@ from ledger_service.services.audit import AuditService
 from ledger_service.services.ledger import LedgerService
 
 KINDS = frozenset(kind.value for kind in EntryKind)
-FEED_QUERY = frozenset({"request_id", "user_id", "token_id", "channel_id", "kind", "from", "to", "cursor", "limit"})
+FEED_QUERY = frozenset(
+    {"request_id", "user_id", "token_id", "channel_id", "kind", "from", "to", "cursor", "limit", "min_position"}
+)
 
 
 class EntryController(Controller):
@@ -59,6 +63,7 @@ class EntryController(Controller):
         created_to: Annotated[str | None, QueryParameter(name="to", schema_extra=INSTANT_SCHEMA)] = None,
         cursor: QueryCursor = None,
         limit: QueryLimit = None,
+        min_position: QueryPosition = None,
     ) -> EntryPageView:
         where = EntryFilter(
             request_id=None if request_id is None else parse_key(request_id),
@@ -69,7 +74,9 @@ class EntryController(Controller):
             created_from=parse_time(created_from, "from"),
             created_to=parse_time(created_to, "to"),
         )
-        return await audit.entries(where, cursor=cursor, limit=parse_limit(limit))
+        return await audit.entries(
+            where, cursor=cursor, limit=parse_limit(limit), min_position=parse_position(min_position)
+        )
 
     @get(
         "/{entry_id:str}",

@@ -18,9 +18,11 @@ from ledger_service.api.params import (
     PathAddress,
     QueryCursor,
     QueryLimit,
+    QueryPosition,
     choices_schema,
     parse_choice,
     parse_limit,
+    parse_position,
     parse_time,
 )
 from ledger_service.api.problems import PROBLEMS
@@ -37,7 +39,7 @@ class AccountsController(Controller):
 
     @get(
         "/{address:str}",
-        opt={"roles": auth.AUDIT_READ, "query": frozenset({"as_of"})},
+        opt={"roles": auth.AUDIT_READ, "query": frozenset({"as_of", "min_position"})},
         responses=PROBLEMS,
         summary="An account's balances, now or at a past instant",
     )
@@ -46,12 +48,13 @@ class AccountsController(Controller):
         address: PathAddress,
         audit: NamedDependency[AuditService],
         as_of: Annotated[str | None, QueryParameter(schema_extra=INSTANT_SCHEMA)] = None,
+        min_position: QueryPosition = None,
     ) -> AccountView:
-        return await audit.account(address, as_of=parse_time(as_of, "as_of"))
+        return await audit.account(address, as_of=parse_time(as_of, "as_of"), min_position=parse_position(min_position))
 
     @get(
         "/{address:str}/postings",
-        opt={"roles": auth.AUDIT_READ, "query": frozenset({"cursor", "limit"})},
+        opt={"roles": auth.AUDIT_READ, "query": frozenset({"cursor", "limit", "min_position"})},
         responses=PROBLEMS,
         summary="An account statement with running balances",
     )
@@ -61,8 +64,11 @@ class AccountsController(Controller):
         audit: NamedDependency[AuditService],
         cursor: QueryCursor = None,
         limit: QueryLimit = None,
+        min_position: QueryPosition = None,
     ) -> StatementPageView:
-        return await audit.statement(address, cursor=cursor, limit=parse_limit(limit))
+        return await audit.statement(
+            address, cursor=cursor, limit=parse_limit(limit), min_position=parse_position(min_position)
+        )
 
 
 class ReportsController(Controller):
@@ -71,7 +77,7 @@ class ReportsController(Controller):
 
     @get(
         "/trial-balance",
-        opt={"roles": auth.AUDIT_READ, "query": frozenset({"as_of"})},
+        opt={"roles": auth.AUDIT_READ, "query": frozenset({"as_of", "min_position"})},
         responses=PROBLEMS,
         summary="Per ledger: the total (zero) and sums by kind",
     )
@@ -79,21 +85,24 @@ class ReportsController(Controller):
         self,
         audit: NamedDependency[AuditService],
         as_of: Annotated[str | None, QueryParameter(schema_extra=INSTANT_SCHEMA)] = None,
+        min_position: QueryPosition = None,
     ) -> TrialBalanceView:
-        return await audit.trial_balance(as_of=parse_time(as_of, "as_of"))
+        return await audit.trial_balance(as_of=parse_time(as_of, "as_of"), min_position=parse_position(min_position))
 
     @get(
         "/reconciliation",
-        opt={"roles": auth.AUDIT_READ},
+        opt={"roles": auth.AUDIT_READ, "query": frozenset({"min_position"})},
         responses=PROBLEMS,
         summary="Recompute the books and list what disagrees",
     )
-    async def reconciliation(self, audit: NamedDependency[AuditService]) -> ReconciliationView:
-        return await audit.reconcile()
+    async def reconciliation(
+        self, audit: NamedDependency[AuditService], min_position: QueryPosition = None
+    ) -> ReconciliationView:
+        return await audit.reconcile(min_position=parse_position(min_position))
 
     @get(
         "/usage",
-        opt={"roles": auth.AUDIT_READ, "query": frozenset({"group_by", "bucket", "from", "to"})},
+        opt={"roles": auth.AUDIT_READ, "query": frozenset({"group_by", "bucket", "from", "to", "min_position"})},
         responses=PROBLEMS,
         summary="Charges grouped by channel, model, user or token, per hour, day or overall (JSON or CSV)",
     )
@@ -109,12 +118,14 @@ class ReportsController(Controller):
         ] = None,
         created_from: Annotated[str | None, QueryParameter(name="from", schema_extra=INSTANT_SCHEMA)] = None,
         created_to: Annotated[str | None, QueryParameter(name="to", schema_extra=INSTANT_SCHEMA)] = None,
+        min_position: QueryPosition = None,
     ) -> Response[UsageReportView] | Response[str]:
         report = await audit.usage(
             group_by=parse_choice(group_by, "group_by", USAGE_KEYS, default="channel"),
             bucket=parse_choice(bucket, "bucket", USAGE_BUCKETS, default="none"),
             created_from=parse_time(created_from, "from"),
             created_to=parse_time(created_to, "to"),
+            min_position=parse_position(min_position),
         )
         if not wants_csv(request.headers.get("accept")):
             return Response(report)
