@@ -144,7 +144,23 @@ def sweep(data_dirs: Sequence[Path] = ()) -> int:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and ours():
         time.sleep(0.1)
+    for data_dir in dirs:
+        remove_orphaned_shared_memory(data_dir)
     return len(left)
+
+
+def remove_orphaned_shared_memory(data_dir: Path) -> None:
+    """A postmaster killed with SIGKILL and never started again leaves its small System V segment behind. The
+    segment's id is on line 7 of its postmaster.pid; it is removed only when nobody is attached to it."""
+    try:
+        shmid = (data_dir / "postmaster.pid").read_text().split("\n")[6].split()[1]
+        table = Path("/proc/sysvipc/shm").read_text().splitlines()
+    except (OSError, IndexError):
+        return
+    for row in table[1:]:
+        fields = row.split()  # key shmid perms size cpid lpid nattch ...
+        if fields[1] == shmid and fields[6] == "0":
+            subprocess.run(["ipcrm", "-m", shmid], check=False, capture_output=True)  # noqa: S603,S607
 
 
 def fresh_base(run_as: RunAs) -> Path:
