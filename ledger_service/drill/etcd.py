@@ -50,6 +50,16 @@ class EtcdCluster:
                 spawn(self.run_as.command(argv), cwd=member.data_dir, log=self.base / f"{member.name}.log")
             )
 
+    def stop(self) -> None:
+        """SIGTERM to each member, SIGKILL after 5 s (the sweep ends whatever is left)."""
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
     async def healthy(self, within: float = 60) -> None:
         """Every member answers /health with a leader elected."""
         deadline = time.monotonic() + within

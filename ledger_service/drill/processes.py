@@ -14,7 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,10 +119,11 @@ def postmaster_pid(data_dir: Path) -> int | None:
     return found
 
 
-def sweep(data_dirs: Sequence[Path] = ()) -> int:
+def sweep(data_dirs: Sequence[Path] = (), then: Callable[[], None] | None = None) -> list[str]:
     """End every process of a run (this one's or a crashed one's): PostgreSQL servers first with an immediate
     shutdown (SIGQUIT: the postmaster ends its children and frees its shared memory), then SIGKILL for the rest.
-    Returns how many processes were left to kill."""
+    `then` runs after the servers are down (the etcd members' own stop). Returns the command lines of the processes
+    that were left to kill."""
     for pid in ours():
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
@@ -138,7 +139,10 @@ def sweep(data_dirs: Sequence[Path] = ()) -> int:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(postmaster_pid(d) for d in dirs):
         time.sleep(0.1)
+    if then is not None:
+        then()
     left = ours()
+    names = [command_line(pid) for pid in left]
     for pid in left:
         signal_quietly(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
@@ -146,7 +150,14 @@ def sweep(data_dirs: Sequence[Path] = ()) -> int:
         time.sleep(0.1)
     for data_dir in dirs:
         remove_orphaned_shared_memory(data_dir)
-    return len(left)
+    return [name for name in names if name]
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()[:80]
+    except OSError:
+        return ""
 
 
 def remove_orphaned_shared_memory(data_dir: Path) -> None:

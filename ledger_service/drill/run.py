@@ -107,9 +107,9 @@ async def drill(options: Options) -> list[RoundFigures]:
         return rounds
     finally:
         proxies.stop()
-        left = sweep([node.data_dir for node in cluster.nodes])
+        left = sweep([node.data_dir for node in cluster.nodes], then=etcd.stop)
         if left:
-            say(f"{left} processes had to be killed at the end")
+            say(f"ended with SIGKILL at the end: {'; '.join(left)}")
         if passed:
             shutil.rmtree(base, ignore_errors=True)
         else:
