@@ -9,7 +9,7 @@ RUN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install serve test test-browser test-clients lint format migrate bench clean
+.PHONY: install serve test test-browser test-clients lint format migrate bench ha-drill clean
 
 install: $(VENV)/.synced
 
@@ -52,6 +52,11 @@ test-clients: install
 # The relay workload side by side with pgbench on one server; BENCH_ARGS passes options (ledger-service bench -h).
 bench: install
 	$(RUN)/ledger-service bench $(BENCH_ARGS)
+
+# The failover drill (docs/operations.md, "The failover drill"): etcd, Patroni and PostgreSQL 15 from Debian's
+# archive (installed when missing, as root), on loopback; about four minutes.
+ha-drill: install
+	$(RUN)/ledger-service ha-drill $(DRILL_ARGS)
 
 lint: install
 	$(RUN)/ruff check .

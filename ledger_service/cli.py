@@ -269,11 +269,21 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         runs=args.runs,
         workers=args.workers,
         coalesce_groups=args.coalesce_groups,
+        pool_size=args.pool_size,
         read_postings=args.read_postings,
         scenarios=scenarios,
         profile=args.profile,
     )
     return main_bench(options, args.json, lambda message: print(f"  ... {message}", file=sys.stderr, flush=True))
+
+
+def cmd_ha_drill(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from ledger_service.drill.run import run_from_args
+    except ImportError as error:  # httpx, for the relay clients, comes with the development dependencies
+        print(f"ledger-service ha-drill: {error}; run it from the project's .venv (make ha-drill)", file=sys.stderr)
+        return 2
+    return run_from_args(args)
 
 
 def cmd_compare_relay(args: argparse.Namespace, settings: Settings) -> int:
@@ -459,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--coalesce-groups", type=int, help="LEDGER_COALESCE_GROUPS of the service (0: no coalescing; default: its own)"
     )
+    bench.add_argument(
+        "--pool-size", type=int, help="LEDGER_POOL_SIZE of the service (each worker's two pools; default: its own)"
+    )
     bench.add_argument("--read-postings", type=int, default=1_000_000, help="postings of the large account")
     bench.add_argument("--scenarios", help="comma-separated subset to run (default: every scenario)")
     bench.add_argument("--json", help="also write the figures to this JSON file")
@@ -469,6 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=cmd_bench)
     _add_compare_relay(commands)
     _add_external(commands)
+    from ledger_service.drill.options import add_arguments as add_drill_arguments
+
+    drill = commands.add_parser(
+        "ha-drill", help="the failover drill: etcd, a 3-node Patroni cluster and the service on loopback, three rounds"
+    )
+    add_drill_arguments(drill)
+    drill.set_defaults(handler=cmd_ha_drill)
     return parser
 
 

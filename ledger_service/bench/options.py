@@ -22,6 +22,8 @@ class Options:
     workers: int = 1
     coalesce_groups: int | None = None
     """LEDGER_COALESCE_GROUPS of the service under test; None: the service's default."""
+    pool_size: int | None = None
+    """LEDGER_POOL_SIZE of the service under test (each worker's two pools); None: the service's default."""
     read_postings: int = 1_000_000
     scenarios: tuple[str, ...] = SCENARIOS
     profile: str | None = None

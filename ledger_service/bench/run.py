@@ -124,7 +124,9 @@ async def run_measured_scenarios(options: Options, databases: Databases, say: Sa
     """Start the service under test on the workload's database, fund the workload's users, run every measured
     scenario --runs times, stop the service."""
     admin = secrets.token_urlsafe(24)
-    service = Service(databases.url(databases.ledger), admin, options.workers, options.coalesce_groups)
+    service = Service(
+        databases.url(databases.ledger), admin, options.workers, options.coalesce_groups, options.pool_size
+    )
     try:
         await service.ready(admin)
         await fund("127.0.0.1", service.port, admin, options.users)

@@ -33,7 +33,9 @@ SERVICE_SETTINGS = {"LEDGER_TRUST_FACTOR": "0"}  # every hold really holds: the 
 class Service:
     """`ledger-service serve` as a child process."""
 
-    def __init__(self, database_url: str, admin_key: str, workers: int, coalesce_groups: int | None) -> None:
+    def __init__(
+        self, database_url: str, admin_key: str, workers: int, coalesce_groups: int | None, pool_size: int | None = None
+    ) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
@@ -48,6 +50,8 @@ class Service:
         )
         if coalesce_groups is not None:
             env["LEDGER_COALESCE_GROUPS"] = str(coalesce_groups)
+        if pool_size is not None:
+            env["LEDGER_POOL_SIZE"] = str(pool_size)
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ledger_service", "serve"], env=env, stdout=self.log, stderr=self.log
