@@ -138,7 +138,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         request_max_body_size=settings.max_body_bytes,
         logging_config=None,
         lifespan=[_lifespan(settings)],
-        before_send=[add_position],
+        # Only reads a replica serves need a write's position: without one, no hook on every response either.
+        before_send=[add_position] if settings.read_database_url is not None else [],
         dependencies=DEPENDENCIES,
         exception_handlers={Exception: handle_exception},
         openapi_config=OPENAPI,
