@@ -110,7 +110,12 @@ class Proxies:
             asyncio.run_coroutine_threadsafe(proxy.start(), self.loop).result(timeout=10)
 
     def set_cut(self, index: int, cut: bool) -> None:
-        self.loop.call_soon_threadsafe(self.proxies[index].set_cut, cut)
+        """Cut or restore one relay, returning once the relays' loop has done it."""
+
+        async def apply() -> None:
+            self.proxies[index].set_cut(cut)
+
+        asyncio.run_coroutine_threadsafe(apply(), self.loop).result(timeout=10)
 
     async def _stop_all(self) -> None:
         for proxy in self.proxies:
